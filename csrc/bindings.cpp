@@ -1,0 +1,104 @@
+// The binding layer: the torch operators (TORCH_LIBRARY) and the pybind11
+// module with the plan object. All work happens in plan.cpp and the kernels.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "plan.h"
+
+namespace fused_ema {
+namespace {
+
+void multi_ema_update_op(at::TensorList emas, at::TensorList params,
+                         c10::ArrayRef<double> decays,
+                         const std::optional<at::Tensor>& decay_tensor,
+                         const std::optional<at::Tensor>& skip) {
+  const bool has_tensor = decay_tensor.has_value() && decay_tensor->defined();
+  const int64_t num_decays = has_tensor ? decay_tensor->numel() : static_cast<int64_t>(decays.size());
+  auto plan = cached_plan(emas, params, num_decays);
+  run_plan(*plan, make_update_args(*plan, decays, decay_tensor, skip));
+}
+
+void ema_update_op(at::TensorList emas, at::TensorList params, double decay,
+                   const std::optional<at::Tensor>& decay_tensor,
+                   const std::optional<at::Tensor>& skip) {
+  multi_ema_update_op(emas, params, c10::ArrayRef<double>(decay), decay_tensor, skip);
+}
+
+// A plan bound to its tensors: built (and validated) once, then each update
+// only checks that the tensors are still the same ones.
+class BoundPlan {
+ public:
+  BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays)
+      : emas_(std::move(emas)), params_(std::move(params)),
+        plan_(build_plan(emas_, params_, num_decays)) {}
+
+  void update(const std::vector<double>& decays, const std::optional<at::Tensor>& decay_tensor,
+              const std::optional<at::Tensor>& skip) const {
+    check_same_tensors(*plan_, emas_, params_);
+    run_plan(*plan_, make_update_args(*plan_, decays, decay_tensor, skip));
+  }
+
+  const Plan& plan() const { return *plan_; }
+
+ private:
+  std::vector<at::Tensor> emas_, params_;
+  std::shared_ptr<const Plan> plan_;
+};
+
+bool compiled_with_cuda() {
+#ifdef FUSED_EMA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool compiled_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace fused_ema
+
+TORCH_LIBRARY(fused_ema, m) {
+  m.def("ema_update_(Tensor(a!)[] emas, Tensor[] params, float decay, "
+        "Tensor? decay_tensor=None, Tensor? skip=None) -> ()");
+  m.def("multi_ema_update_(Tensor(a!)[] emas, Tensor[] params, float[] decays, "
+        "Tensor? decay_tensor=None, Tensor? skip=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_ema, CPU, m) {
+  m.impl("ema_update_", &fused_ema::ema_update_op);
+  m.impl("multi_ema_update_", &fused_ema::multi_ema_update_op);
+}
+
+#ifdef FUSED_EMA_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_ema, CUDA, m) {
+  m.impl("ema_update_", &fused_ema::ema_update_op);
+  m.impl("multi_ema_update_", &fused_ema::multi_ema_update_op);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using fused_ema::BoundPlan;
+  py::class_<BoundPlan>(m, "Plan", "A validated chunk plan bound to its tensors.")
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t>(),
+           py::arg("emas"), py::arg("params"), py::arg("num_decays"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("update_", &BoundPlan::update, py::arg("decays"), py::arg("decay_tensor"),
+           py::arg("skip"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_rows", [](const BoundPlan& b) { return b.plan().rows.size(); })
+      .def_property_readonly("num_tensors", [](const BoundPlan& b) { return b.plan().num_tensors; })
+      .def_property_readonly("num_decays", [](const BoundPlan& b) { return b.plan().num_decays; })
+      .def_property_readonly("num_elements",
+                             [](const BoundPlan& b) { return b.plan().num_elements; });
+  m.def("compiled_with_cuda", &fused_ema::compiled_with_cuda);
+  m.def("compiled_with_openmp", &fused_ema::compiled_with_openmp);
+  m.attr("CHUNK") = fused_ema::kChunk;
+  m.attr("MAX_DECAYS") = fused_ema::kMaxDecays;
+}

@@ -1,0 +1,73 @@
+// CPU update: one parallel loop over the plan's rows, an inner loop per
+// (EMA dtype, param dtype) pair that the compiler vectorises.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+#include "ema_math.h"
+#include "plan.h"
+
+namespace fused_ema {
+namespace {
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kSerialElements = 32768;
+// With several decays a row is walked in blocks small enough that the param
+// block read for the first EMA is still in L1 for the others.
+constexpr int64_t kBlock = 4096;
+
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float: return f(static_cast<float*>(nullptr));
+    case DType::Half: return f(static_cast<c10::Half*>(nullptr));
+    case DType::BFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
+    case DType::Double: return f(static_cast<double*>(nullptr));
+  }
+}
+
+template <typename ema_t, typename param_t>
+void lerp_span(ema_t* __restrict ema, const param_t* __restrict param, int64_t n,
+               double decay) {
+  using opmath_t = typename OpMath<ema_t>::type;
+  const opmath_t w = lerp_weight<opmath_t>(decay);
+  for (int64_t j = 0; j < n; ++j) {
+    ema[j] = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(ema[j]),
+                                                   static_cast<opmath_t>(param[j]), w));
+  }
+}
+
+void update_row(const Plan& plan, const Row& row, const double* decays) {
+  const ParamSlot& ps = plan.params[row.tensor];
+  dispatch_dtype(ps.dtype, [&](auto* ptag) {
+    using param_t = std::remove_pointer_t<decltype(ptag)>;
+    const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
+    const int64_t block = plan.num_decays == 1 ? row.length : kBlock;
+    for (int64_t off = 0; off < row.length; off += block) {
+      const int64_t n = std::min<int64_t>(block, row.length - off);
+      for (int k = 0; k < plan.num_decays; ++k) {
+        const EmaSlot& es = plan.emas[k * plan.num_tensors + row.tensor];
+        dispatch_dtype(es.dtype, [&](auto* etag) {
+          using ema_t = std::remove_pointer_t<decltype(etag)>;
+          lerp_span(static_cast<ema_t*>(es.ptr) + row.start + off, param + off, n, decays[k]);
+        });
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
+  // make_update_args reads host decay tensors and skip flags into `args`.
+  TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);
+  const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
+  const int64_t grain = plan.num_elements < kSerialElements ? num_rows : 1;
+  at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) update_row(plan, plan.rows[r], args.decays);
+  });
+}
+
+}  // namespace fused_ema

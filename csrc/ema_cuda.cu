@@ -1,0 +1,197 @@
+// CUDA update: one launch over the plan's rows, whatever the tensor count.
+//
+// Each block takes whole rows (grid-stride). A row reads its dtypes once, so
+// every thread of a block takes the same branch, and a model that mixes dtypes
+// is still one launch. The body of a row moves 8 elements per thread per step
+// with 16-byte loads and stores for every dtype (one for 16-bit types, two for
+// fp32, four for fp64); elements before the first 16-byte-aligned index
+// shared by all arrays of the row, and after the last full step, are done one
+// at a time. Decays and the skip flag come from the kernel's arguments or, when
+// given as tensors, are read on the device: no host sync, graph-capturable.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ema_math.h"
+#include "plan.h"
+
+namespace fused_ema {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kVec = 8;  // elements per thread per step
+constexpr int kBlocksPerSM = 64;
+
+template <typename T>
+struct alignas(16) Pack {
+  T v[kVec];
+};
+
+template <typename param_t, typename F>
+__device__ __forceinline__ void with_ema_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float: return f(static_cast<float*>(nullptr));
+    case DType::Half: return f(static_cast<c10::Half*>(nullptr));
+    case DType::BFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
+    case DType::Double: return f(static_cast<double*>(nullptr));
+  }
+}
+
+template <typename ema_t, typename param_t>
+__device__ __forceinline__ void update_one(ema_t* e, param_t p, double decay) {
+  using opmath_t = typename OpMath<ema_t>::type;
+  *e = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(*e),
+                                             static_cast<opmath_t>(p),
+                                             lerp_weight<opmath_t>(decay)));
+}
+
+template <typename ema_t, typename param_t>
+__device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t>& p, double decay) {
+  using opmath_t = typename OpMath<ema_t>::type;
+  const opmath_t w = lerp_weight<opmath_t>(decay);
+  Pack<ema_t> ev = *reinterpret_cast<const Pack<ema_t>*>(e);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    ev.v[j] = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(ev.v[j]),
+                                                    static_cast<opmath_t>(p.v[j]), w));
+  }
+  *reinterpret_cast<Pack<ema_t>*>(e) = ev;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+template <typename param_t>
+__device__ void update_row(const Row& row, const ParamSlot& ps, const EmaSlot* emas,
+                           int64_t num_tensors, int num_decays, const double* decays) {
+  const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
+  char* ema[kMaxDecays];
+  DType ema_dtype[kMaxDecays];
+  for (int k = 0; k < num_decays; ++k) {
+    const EmaSlot es = emas[k * num_tensors + row.tensor];
+    ema_dtype[k] = es.dtype;
+    ema[k] = static_cast<char*>(es.ptr) + row.start * dtype_size(es.dtype);
+  }
+
+  // First index where every array of the row is 16-byte aligned; stepping by
+  // kVec elements keeps them aligned (kVec * element size is a multiple of 16).
+  int head = row.length;
+  for (int h = 0; h < kVec && h < row.length; ++h) {
+    bool ok = aligned16(param + h);
+    for (int k = 0; k < num_decays; ++k) ok = ok && aligned16(ema[k] + h * dtype_size(ema_dtype[k]));
+    if (ok) {
+      head = h;
+      break;
+    }
+  }
+  const int num_packs = (row.length - head) / kVec;
+  const int tail = head + num_packs * kVec;
+
+  for (int v = threadIdx.x; v < num_packs; v += blockDim.x) {
+    const int idx = head + v * kVec;
+    const Pack<param_t> p = *reinterpret_cast<const Pack<param_t>*>(param + idx);
+    for (int k = 0; k < num_decays; ++k) {
+      with_ema_type<param_t>(ema_dtype[k], [&](auto* tag) {
+        using ema_t = std::remove_pointer_t<decltype(tag)>;
+        update_pack(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
+      });
+    }
+  }
+  // Scalar head [0, head) and tail [tail, length).
+  const int num_scalar = head + (row.length - tail);
+  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
+    const int idx = s < head ? s : tail + (s - head);
+    const param_t p = param[idx];
+    for (int k = 0; k < num_decays; ++k) {
+      with_ema_type<param_t>(ema_dtype[k], [&](auto* tag) {
+        using ema_t = std::remove_pointer_t<decltype(tag)>;
+        update_one(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
+      });
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    ema_update_kernel(const ParamSlot* params, const EmaSlot* emas, const Row* rows,
+                      int64_t num_rows, int64_t num_tensors, UpdateArgs args) {
+  // Uniform across the grid, so returning before the barrier is safe.
+  if (args.skip_ptr != nullptr && read_scalar(args.skip_ptr, args.skip_kind, 0) != 0.0) return;
+  __shared__ double decays[kMaxDecays];
+  if (threadIdx.x < args.num_decays) {
+    decays[threadIdx.x] = args.decay_ptr != nullptr
+                              ? read_scalar(args.decay_ptr, args.decay_kind, threadIdx.x)
+                              : args.decays[threadIdx.x];
+  }
+  __syncthreads();
+
+  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const Row row = rows[r];
+    const ParamSlot ps = params[row.tensor];
+    switch (ps.dtype) {
+      case DType::Float:
+        update_row<float>(row, ps, emas, num_tensors, args.num_decays, decays);
+        break;
+      case DType::Half:
+        update_row<c10::Half>(row, ps, emas, num_tensors, args.num_decays, decays);
+        break;
+      case DType::BFloat16:
+        update_row<c10::BFloat16>(row, ps, emas, num_tensors, args.num_decays, decays);
+        break;
+      case DType::Double:
+        update_row<double>(row, ps, emas, num_tensors, args.num_decays, decays);
+        break;
+    }
+  }
+}
+
+int multiprocessor_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+}  // namespace
+
+void ema_update_cuda(const Plan& plan, const UpdateArgs& args) {
+  const c10::cuda::CUDAGuard guard(plan.device);
+  const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
+  const int64_t grid =
+      std::min<int64_t>(num_rows, int64_t{multiprocessor_count(plan.device.index())} * kBlocksPerSM);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  ema_update_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+      plan.device_params, plan.device_emas, plan.device_rows, num_rows, plan.num_tensors, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::shared_ptr<void> upload_table_cuda(const void* src, size_t bytes, c10::Device device) {
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+              "fused_ema: these tensors are updated for the first time inside CUDA graph "
+              "capture, which cannot upload the update's table; build an EMAPlan, or call the "
+              "update once before capturing (the usual warm-up)");
+  void* dst = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  std::shared_ptr<void> table(dst, [device](void* p) {
+    const c10::cuda::CUDAGuard free_guard(device);
+    (void)cudaFree(p);  // never throw from a deleter
+  });
+  // Wait for the copy, so the table is ready for kernels on any stream.
+  C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return table;
+}
+
+}  // namespace fused_ema

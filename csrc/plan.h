@@ -1,0 +1,143 @@
+// The multi-tensor machinery: a chunk plan built once and consumed by the CPU
+// loop and the CUDA kernel alike.
+//
+// A plan is plain data: one ParamSlot per parameter, one EmaSlot per (decay,
+// parameter), and rows (tensor, start, length) that cut every tensor into
+// chunks of at most kChunk elements. On CUDA the three arrays are copied once
+// into one device buffer, so an update is one launch whose arguments are the
+// plan's address, the row count and the decays, whatever the tensor count.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace fused_ema {
+
+constexpr int kMaxDecays = 8;
+constexpr int64_t kChunk = 65536;
+
+// Floating dtypes the kernels handle (for EMAs and params alike).
+enum class DType : int32_t { Float = 0, Half = 1, BFloat16 = 2, Double = 3 };
+
+// Scalar types accepted for a decay tensor or a skip flag, read one value at a
+// time (on the device for CUDA, so no host sync is needed).
+enum class ScalarKind : int32_t { Bool, UInt8, Int32, Int64, Float, Double };
+
+struct alignas(8) ParamSlot {
+  const void* ptr;
+  int64_t numel;
+  DType dtype;
+  int32_t unused;
+};
+
+struct alignas(8) EmaSlot {
+  void* ptr;
+  DType dtype;
+  int32_t unused;
+};
+
+struct alignas(8) Row {
+  int64_t start;   // first element of the chunk within its tensor
+  int32_t tensor;  // index into the ParamSlot array
+  int32_t length;  // elements in the chunk, 1..kChunk
+};
+
+// Everything an update needs besides the plan. A decay is a host double, or
+// the k-th element of `decay_ptr` (a tensor on the plan's device) when set.
+struct UpdateArgs {
+  int num_decays = 1;
+  double decays[kMaxDecays] = {};
+  const void* decay_ptr = nullptr;
+  ScalarKind decay_kind = ScalarKind::Double;
+  const void* skip_ptr = nullptr;  // a device flag: update nothing when *skip_ptr != 0
+  ScalarKind skip_kind = ScalarKind::Bool;
+  bool skipped = false;            // a host flag that was already read as set
+};
+
+C10_HOST_DEVICE inline double read_scalar(const void* p, ScalarKind kind, int i) {
+  switch (kind) {
+    case ScalarKind::Bool:
+    case ScalarKind::UInt8: return static_cast<const uint8_t*>(p)[i];
+    case ScalarKind::Int32: return static_cast<const int32_t*>(p)[i];
+    case ScalarKind::Int64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+    case ScalarKind::Float: return static_cast<const float*>(p)[i];
+    case ScalarKind::Double: return static_cast<const double*>(p)[i];
+  }
+  return 0.0;
+}
+
+// The identity of one tensor as far as a plan is concerned: a plan built for
+// tensors with equal keys is the same plan (this makes the cache transparent
+// and the "were the tensors replaced?" check cheap).
+struct TensorKey {
+  uintptr_t ptr;
+  int64_t numel;
+  int64_t meta;        // dtype, device, contiguity
+  uint64_t shape_hash;
+  bool operator==(const TensorKey& o) const {
+    return ptr == o.ptr && numel == o.numel && meta == o.meta && shape_hash == o.shape_hash;
+  }
+  bool operator!=(const TensorKey& o) const { return !(*this == o); }
+};
+
+struct Plan {
+  int64_t num_tensors = 0;
+  int num_decays = 1;
+  c10::Device device = c10::Device(c10::kCPU);
+  int64_t num_elements = 0;
+  std::vector<TensorKey> key;      // params first, then emas (decay-major)
+  std::vector<ParamSlot> params;
+  std::vector<EmaSlot> emas;       // emas[k * num_tensors + i]
+  std::vector<Row> rows;
+
+  // CUDA only: the three arrays above in one device buffer (cudaMalloc'd: its
+  // cudaFree waits for kernels on every stream that may still read it).
+  std::shared_ptr<void> device_table;
+  const ParamSlot* device_params = nullptr;
+  const EmaSlot* device_emas = nullptr;
+  const Row* device_rows = nullptr;
+};
+
+// Validates the tensors (nothing is written) and builds the plan. `emas` holds
+// num_decays lists of params.size() tensors, one after the other.
+std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList params,
+                                       int64_t num_decays);
+
+// Plans for recently seen tensor lists, looked up by their keys: calling the
+// functional update again with the same tensors skips validation and, on
+// CUDA, the upload of the table.
+std::shared_ptr<const Plan> cached_plan(at::TensorList emas, at::TensorList params,
+                                        int64_t num_decays);
+
+std::vector<TensorKey> plan_key(at::TensorList emas, at::TensorList params);
+
+// Fails, naming the tensor, if `emas`/`params` no longer match `plan`.
+void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList params);
+
+// Checks decays and skip against the plan (values, count, device) and packs them.
+UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
+                            const std::optional<at::Tensor>& decay_tensor,
+                            const std::optional<at::Tensor>& skip);
+
+// Runs the update on the plan's device.
+void run_plan(const Plan& plan, const UpdateArgs& args);
+
+// Per-device kernels (ema_cpu.cpp, ema_cuda.cu).
+void ema_update_cpu(const Plan& plan, const UpdateArgs& args);
+void ema_update_cuda(const Plan& plan, const UpdateArgs& args);
+// Copies a host table to new device memory (refuses during CUDA graph capture).
+std::shared_ptr<void> upload_table_cuda(const void* src, size_t bytes, c10::Device device);
+
+C10_HOST_DEVICE inline int dtype_size(DType d) {
+  return d == DType::Double ? 8 : d == DType::Float ? 4 : 2;
+}
+
+// "emas[3]", or "emas[1][3]" when there are several decays.
+std::string ema_name(int64_t num_decays, int64_t k, int64_t i);
+
+}  // namespace fused_ema

@@ -1,0 +1,5 @@
+"""fused_ema: a fused multi-tensor EMA for PyTorch target networks, teachers and eval EMAs."""
+from .functional import EMAPlan, backend, ema_update_, multi_ema_update_
+
+__all__ = ["EMAPlan", "backend", "ema_update_", "multi_ema_update_"]
+__version__ = "0.1.0"

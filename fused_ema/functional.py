@@ -1,0 +1,182 @@
+"""The functional core: ``ema_update_``, ``multi_ema_update_``, ``EMAPlan``, ``backend``.
+
+Every update is ``ema.lerp_(param, 1 - decay)`` computed in fp32 (fp64 for fp64
+EMAs), applied to all tensors at once: by the compiled kernels on CPU and CUDA
+(``torch.ops.fused_ema``), or by the pure-PyTorch fallback.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _ext, fallback
+
+Decay = Union[float, torch.Tensor]
+
+__all__ = ["ema_update_", "multi_ema_update_", "EMAPlan", "backend"]
+
+
+def backend(tensor: Union[torch.Tensor, torch.device, str]) -> str:
+    """Which path an update of tensors on this device takes: "cuda", "cpp" or "python"."""
+    if isinstance(tensor, torch.Tensor):
+        device_type = tensor.device.type
+    else:
+        device_type = torch.device(tensor).type
+    if _ext.compiled_for(device_type):
+        return "cuda" if device_type == "cuda" else "cpp"
+    return "python"
+
+
+def _split_decays(decays, num_decays: int) -> Tuple[List[float], Optional[torch.Tensor]]:
+    """Host floats, or one tensor holding all decays (read on its device)."""
+    if isinstance(decays, torch.Tensor):
+        return [], decays.reshape(-1)
+    decays = list(decays)
+    if not any(isinstance(d, torch.Tensor) for d in decays):
+        return [float(d) for d in decays], None
+    ref = next(d for d in decays if isinstance(d, torch.Tensor))
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    return [], torch.stack([torch.as_tensor(d, dtype=dtype, device=ref.device).reshape(())
+                            for d in decays])
+
+
+def _check_lists(emas_per_decay, params) -> None:
+    for k, emas in enumerate(emas_per_decay):
+        if len(emas) != len(params):
+            raise ValueError(
+                f"fused_ema: got {len(emas)} EMA tensors in emas[{k}] for {len(params)} params; "
+                "each EMA list must be as long as params")
+
+
+def _device_type(params, emas_per_decay) -> str:
+    for t in params:
+        return t.device.type
+    return "cpu"
+
+
+def multi_ema_update_(
+    emas_per_decay: Sequence[Sequence[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    decays: Union[Sequence[Decay], torch.Tensor],
+    *,
+    skip: Optional[torch.Tensor] = None,
+) -> None:
+    """Updates K EMA lists from one read of ``params``:
+    ``emas_per_decay[k][i].lerp_(params[i], 1 - decays[k])``.
+
+    ``decays`` is a sequence of K floats or 0-d tensors, or a tensor of K values
+    (read on the device: no host sync). Nothing changes when ``skip`` (a 0-d
+    bool/float tensor such as a GradScaler's found-inf) is non-zero.
+    """
+    emas_per_decay = [list(e) for e in emas_per_decay]
+    params = list(params)
+    _check_lists(emas_per_decay, params)
+    if len(emas_per_decay) == 0:
+        raise ValueError("fused_ema: multi_ema_update_ needs at least one EMA list")
+    floats, decay_tensor = _split_decays(decays, len(emas_per_decay))
+    if backend(_device_type(params, emas_per_decay)) == "python":
+        fallback.multi_ema_update_(emas_per_decay, params, floats, decay_tensor, skip)
+        return
+    flat = [e for emas in emas_per_decay for e in emas]
+    if decay_tensor is None and len(floats) != len(emas_per_decay):
+        raise ValueError(
+            f"fused_ema: got {len(floats)} decays for {len(emas_per_decay)} EMA list(s)")
+    with torch.no_grad():
+        torch.ops.fused_ema.multi_ema_update_(flat, params, floats, decay_tensor, skip)
+
+
+def ema_update_(
+    emas: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    decay: Decay,
+    *,
+    skip: Optional[torch.Tensor] = None,
+) -> None:
+    """``emas[i].lerp_(params[i], 1 - decay)`` for every i, in one fused call.
+
+    ``decay`` is a float or a 0-d tensor (on CUDA read on the device: no host
+    sync, so the call can be captured in a CUDA graph). Nothing changes when
+    ``skip`` is non-zero. EMAs may be fp32, fp16, bf16 or fp64 whatever the
+    params' dtype; the arithmetic is fp32 (fp64 for fp64 EMAs).
+    """
+    emas, params = list(emas), list(params)
+    if backend(_device_type(params, [emas])) == "python":
+        floats, decay_tensor = _split_decays([decay], 1)
+        fallback.multi_ema_update_([emas], params, floats, decay_tensor, skip)
+        return
+    with torch.no_grad():
+        if isinstance(decay, torch.Tensor):
+            torch.ops.fused_ema.ema_update_(emas, params, 0.0, decay.reshape(-1), skip)
+        else:
+            torch.ops.fused_ema.ema_update_(emas, params, float(decay), None, skip)
+
+
+class EMAPlan:
+    """A prepared update of fixed EMA and param lists.
+
+    Validation and the chunk table are done once (on CUDA the table lives in
+    device memory); ``update_`` is then one call whatever the number of tensors,
+    and only checks that no tensor was replaced or resized since.
+
+    >>> plan = EMAPlan(ema_tensors, param_tensors)
+    >>> plan.update_(0.999)
+    >>> multi = EMAPlan.multi([ema_fast, ema_slow], param_tensors)
+    >>> multi.update_([0.99, 0.9999])
+    """
+
+    def __init__(self, emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+        self._setup([list(emas)], list(params))
+
+    @classmethod
+    def multi(cls, emas_per_decay: Sequence[Sequence[torch.Tensor]],
+              params: Sequence[torch.Tensor]) -> "EMAPlan":
+        """A plan for K EMA lists updated with K decays from one read of ``params``."""
+        plan = cls.__new__(cls)
+        plan._setup([list(e) for e in emas_per_decay], list(params))
+        return plan
+
+    def _setup(self, emas_per_decay: List[List[torch.Tensor]], params: List[torch.Tensor]):
+        if len(emas_per_decay) == 0:
+            raise ValueError("fused_ema: an EMAPlan needs at least one EMA list")
+        _check_lists(emas_per_decay, params)
+        self.emas_per_decay = emas_per_decay
+        self.params = params
+        self.num_decays = len(emas_per_decay)
+        self.backend = backend(_device_type(params, emas_per_decay))
+        if self.backend == "python":
+            fallback.validate(emas_per_decay, params)
+            self._keys = self._tensor_keys()
+            self._plan = None
+        else:
+            flat = [e for emas in emas_per_decay for e in emas]
+            self._plan = _ext._C.Plan(flat, params, self.num_decays)
+
+    def _tensor_keys(self):
+        return [(t.data_ptr(), t.shape, t.dtype, t.device)
+                for t in self.params + [e for emas in self.emas_per_decay for e in emas]]
+
+    @property
+    def emas(self) -> List[torch.Tensor]:
+        """The first (for a single-decay plan, the only) EMA list."""
+        return self.emas_per_decay[0]
+
+    def update_(self, decay: Union[Decay, Sequence[Decay]], skip: Optional[torch.Tensor] = None):
+        """Applies one update: ``decay`` is a float or 0-d tensor, or for a multi plan a
+        sequence of K of them (or a tensor of K values)."""
+        if self.num_decays == 1 and (not isinstance(decay, (list, tuple))):
+            decay = [decay]
+        floats, decay_tensor = _split_decays(decay, self.num_decays)
+        if self._plan is not None:
+            self._plan.update_(floats, decay_tensor, skip)
+            return
+        if self._tensor_keys() != self._keys:
+            raise RuntimeError(
+                "fused_ema: a tensor was replaced or resized since the plan was built; build a "
+                "new EMAPlan")
+        fallback.multi_ema_update_(self.emas_per_decay, self.params, floats, decay_tensor, skip,
+                                   validated=True)
+
+    def __repr__(self) -> str:
+        n = len(self.params)
+        numel = sum(p.numel() for p in self.params)
+        return (f"EMAPlan(tensors={n}, elements={numel}, decays={self.num_decays}, "
+                f"backend={self.backend!r})")
