@@ -43,9 +43,9 @@ def extension():
     # -fopenmp at compile time turns on at::parallel_for's OpenMP loop; the
     # symbols resolve to the OpenMP runtime torch already loads, so we do not
     # link a second one.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if want_cuda():
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DFUSED_EMA_WITH_CUDA"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-DFUSED_EMA_WITH_CUDA"]
         return CUDAExtension(
             "fused_ema._C",
             HOST_SOURCES + CUDA_SOURCES,
