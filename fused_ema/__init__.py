@@ -1,5 +1,7 @@
 """fused_ema: a fused multi-tensor EMA for PyTorch target networks, teachers and eval EMAs."""
+from . import schedules
+from .ema import FusedEMA
 from .functional import EMAPlan, backend, ema_update_, multi_ema_update_
 
-__all__ = ["EMAPlan", "backend", "ema_update_", "multi_ema_update_"]
+__all__ = ["EMAPlan", "FusedEMA", "backend", "ema_update_", "multi_ema_update_", "schedules"]
 __version__ = "0.1.0"
