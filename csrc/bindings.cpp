@@ -12,8 +12,12 @@ void multi_ema_update_op(at::TensorList emas, at::TensorList params,
                          c10::ArrayRef<double> decays,
                          const std::optional<at::Tensor>& decay_tensor,
                          const std::optional<at::Tensor>& skip) {
+  // The lists say how many decays there are; make_update_args checks the count given.
   const bool has_tensor = decay_tensor.has_value() && decay_tensor->defined();
-  const int64_t num_decays = has_tensor ? decay_tensor->numel() : static_cast<int64_t>(decays.size());
+  int64_t num_decays = has_tensor ? decay_tensor->numel() : static_cast<int64_t>(decays.size());
+  if (!params.empty() && emas.size() % params.size() == 0) {
+    num_decays = static_cast<int64_t>(emas.size() / params.size());
+  }
   auto plan = cached_plan(emas, params, num_decays);
   run_plan(*plan, make_update_args(*plan, decays, decay_tensor, skip));
 }

@@ -23,8 +23,13 @@ def _span(t: torch.Tensor):
     return begin, begin + t.numel() * t.element_size()
 
 
-def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor]):
-    """Raises for anything the update cannot do; writes nothing."""
+def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+             check_memory: bool = True):
+    """Raises for anything the update cannot do; writes nothing.
+
+    ``check_memory=False`` leaves out the overlap checks, which need real
+    storage (for fake tensors while tracing).
+    """
     num_decays = len(emas_per_decay)
     if not 1 <= num_decays <= MAX_DECAYS:
         raise ValueError(
@@ -38,7 +43,8 @@ def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[
     if n == 0:
         return
     device = params[0].device
-    if device.type not in ("cpu", "cuda") and device.type != "meta":
+    check_memory = check_memory and device.type != "meta"
+    if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"fused_ema: params[0] is on {device}; fused_ema runs on CPU and CUDA tensors")
     ema_spans, param_spans = [], []
     for i, p in enumerate(params):
@@ -54,7 +60,7 @@ def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[
                 "bfloat16 or float64")
         if not p.is_contiguous():
             raise ValueError(f"fused_ema: params[{i}] is not contiguous; pass contiguous params")
-        if p.numel():
+        if check_memory and p.numel():
             param_spans.append((*_span(p), -1, i))
         for k, emas in enumerate(emas_per_decay):
             e, name = emas[i], _ema_name(num_decays, k, i)
@@ -76,9 +82,9 @@ def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[
             if not e.is_contiguous():
                 raise ValueError(
                     f"fused_ema: {name} is not contiguous; the EMA must be a contiguous tensor")
-            if e.numel():
+            if check_memory and e.numel():
                 ema_spans.append((*_span(e), k, i))
-    if device.type == "meta":
+    if not check_memory:
         return
 
     def name(span):

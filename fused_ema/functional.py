@@ -33,6 +33,8 @@ def _split_decays(decays, num_decays: int) -> Tuple[List[float], Optional[torch.
     decays = list(decays)
     if not any(isinstance(d, torch.Tensor) for d in decays):
         return [float(d) for d in decays], None
+    if len(decays) == 1:
+        return [], decays[0].reshape(-1)  # a view: no copy, no launch
     ref = next(d for d in decays if isinstance(d, torch.Tensor))
     dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     return [], torch.stack([torch.as_tensor(d, dtype=dtype, device=ref.device).reshape(())
@@ -51,6 +53,21 @@ def _device_type(params, emas_per_decay) -> str:
     for t in params:
         return t.device.type
     return "cpu"
+
+
+def _run(emas_per_decay, params, floats, decay_tensor, skip, single: bool) -> None:
+    """The one place a functional update picks its path."""
+    if backend(_device_type(params, emas_per_decay)) == "python" or not params:
+        # The fallback also does the no-op of empty lists (after checking decays).
+        fallback.multi_ema_update_(emas_per_decay, params, floats, decay_tensor, skip)
+        return
+    with torch.no_grad():
+        if single:
+            decay = floats[0] if decay_tensor is None else 0.0
+            torch.ops.fused_ema.ema_update_(emas_per_decay[0], params, decay, decay_tensor, skip)
+        else:
+            flat = [e for emas in emas_per_decay for e in emas]
+            torch.ops.fused_ema.multi_ema_update_(flat, params, floats, decay_tensor, skip)
 
 
 def multi_ema_update_(
@@ -73,15 +90,10 @@ def multi_ema_update_(
     if len(emas_per_decay) == 0:
         raise ValueError("fused_ema: multi_ema_update_ needs at least one EMA list")
     floats, decay_tensor = _split_decays(decays, len(emas_per_decay))
-    if backend(_device_type(params, emas_per_decay)) == "python":
-        fallback.multi_ema_update_(emas_per_decay, params, floats, decay_tensor, skip)
-        return
-    flat = [e for emas in emas_per_decay for e in emas]
     if decay_tensor is None and len(floats) != len(emas_per_decay):
         raise ValueError(
             f"fused_ema: got {len(floats)} decays for {len(emas_per_decay)} EMA list(s)")
-    with torch.no_grad():
-        torch.ops.fused_ema.multi_ema_update_(flat, params, floats, decay_tensor, skip)
+    _run(emas_per_decay, params, floats, decay_tensor, skip, single=False)
 
 
 def ema_update_(
@@ -99,15 +111,9 @@ def ema_update_(
     params' dtype; the arithmetic is fp32 (fp64 for fp64 EMAs).
     """
     emas, params = list(emas), list(params)
-    if backend(_device_type(params, [emas])) == "python":
-        floats, decay_tensor = _split_decays([decay], 1)
-        fallback.multi_ema_update_([emas], params, floats, decay_tensor, skip)
-        return
-    with torch.no_grad():
-        if isinstance(decay, torch.Tensor):
-            torch.ops.fused_ema.ema_update_(emas, params, 0.0, decay.reshape(-1), skip)
-        else:
-            torch.ops.fused_ema.ema_update_(emas, params, float(decay), None, skip)
+    _check_lists([emas], params)
+    floats, decay_tensor = _split_decays([decay], 1)
+    _run([emas], params, floats, decay_tensor, skip, single=True)
 
 
 class EMAPlan:
