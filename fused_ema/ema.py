@@ -190,6 +190,24 @@ def _name_indices(message: str, names: Sequence[str], num_decays: int) -> str:
     return re.sub(r"(params|emas(?:\[\d+\])?)\[(\d+)\]", sub, message)
 
 
+def _plan_caller(plan: EMAPlan) -> Callable:
+    """``call(decays, skip)`` with decays a list of K floats or a tensor of K values.
+
+    Calls the compiled plan object directly when there is one: ``EMAPlan.update_``'s
+    argument handling costs a few microseconds per call, as much as a small update."""
+    raw = getattr(plan, "_plan", None)
+    if raw is None or not callable(getattr(raw, "update_", None)):
+        return lambda decays, skip: plan.update_(decays, skip)
+
+    def call(decays, skip, raw=raw):
+        if isinstance(decays, torch.Tensor):
+            raw.update_([], decays, skip)
+        else:
+            raw.update_(decays, None, skip)
+
+    return call
+
+
 class _Handle:
     """Returned by ``FusedEMA.attach``: ``remove()`` detaches the EMA from the optimizer."""
 
@@ -604,10 +622,14 @@ class FusedEMA:
         self._views = views
         if self._model is not None:
             target = self._model if model is None else model
-            conts = [found[n] for n in self._names]
-            self._containers = [c for _, c, _ in conts]
-            self._ckeys = [k for _, _, k in conts]
-            self._cobjs = [t for t, _, _ in conts]
+            # what the per-step check compares by identity: each tracked tensor in its
+            # module's dict, and each submodule in its parent's (a replaced submodule)
+            conts = [(c, k, t) for t, c, k in (found[n] for n in self._names)]
+            conts += [(m._modules, k, c) for m in target.modules()
+                      for k, c in m._modules.items() if c is not None]
+            self._containers = [c for c, _, _ in conts]
+            self._ckeys = [k for _, k, _ in conts]
+            self._cobjs = [t for _, _, t in conts]
             self._model = target
         else:
             self._containers = None
@@ -628,18 +650,48 @@ class FusedEMA:
             except (ValueError, TypeError, RuntimeError) as exc:
                 names = [self._names[i] for i in idx]
                 raise type(exc)(_name_indices(str(exc), names, self.num_decays)) from None
-            self._plans.append((kind, plan, ps, es, [self._names[i] for i in idx]))
-        idx, ps, es = group("other")
-        self._others = [(ps[j], [es[k][j] for k in range(self.num_decays)])
-                        for j in range(len(idx))]
+            self._plans.append((kind, _plan_caller(plan), ps, es))
+        self._others = self._group_others(srcs, emas)
+        self._float_zeros = [0.0] * self.num_decays
         self._keys = self._plan_keys()
         if self.capturable:
             self._zeros = torch.zeros(self.num_decays, dtype=torch.float64, device=self._device)
             if self._step_t.device != self._device:
                 self._step_t = self._step_t.to(self._device)
 
+    def _group_others(self, srcs, emas):
+        """Non-float tensors (integer counters such as BatchNorm's num_batches_tracked) are
+        copied with one ``torch.cat`` per dtype: their EMA copies are re-homed as views of
+        one flat tensor per dtype (``.data`` is set, so the tensor objects stay the same)."""
+        groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
+        for i, kind in enumerate(self._kinds):
+            if kind == "other":
+                groups.setdefault((srcs[i].dtype, srcs[i].device), []).append(i)
+        out = []
+        with torch.no_grad():
+            for (dtype, _), idx in groups.items():
+                total = sum(srcs[i].numel() for i in idx)
+                flats = []
+                for k in range(self.num_decays):
+                    flat = torch.empty(total, dtype=dtype, device=self._device)
+                    off = 0
+                    for i in idx:
+                        e, n = emas[k][i], srcs[i].numel()
+                        view = flat[off:off + n].view(e.shape)
+                        view.copy_(e)
+                        e.data = view
+                        self._views.append((e, e.data_ptr()))
+                        off += n
+                    flats.append(flat)
+                views = [srcs[i].reshape(-1) for i in idx]
+                for i in idx:
+                    self._views.append((srcs[i], srcs[i].data_ptr()))
+                contiguous = all(srcs[i].is_contiguous() for i in idx)
+                out.append((views if contiguous else [srcs[i] for i in idx], contiguous, flats))
+        return out
+
     def _plan_keys(self):
-        return [_key(t) for _, _, ps, es, _ in self._plans for t in ps + [e for l in es for e in l]]
+        return [_key(t) for _, _, ps, es in self._plans for t in ps + [e for l in es for e in l]]
 
     def _move_ema(self, device: torch.device) -> None:
         with torch.no_grad():
@@ -701,7 +753,6 @@ class FusedEMA:
             ds = torch.where(s < self.update_after_step, torch.zeros_like(ds), ds)
         return ds
 
-    @torch.no_grad()
     def update(self, model: Optional[nn.Module] = None, *,
                skip: Optional[torch.Tensor] = None) -> None:
         """One update from the model's current weights (all tensors in one fused call).
@@ -735,39 +786,52 @@ class FusedEMA:
             self._stage()
             if skip is not None and skip.device != self._device:
                 skip = skip.to(self._device)
-        self._run(decays, [0.0] * self.num_decays, skip)
+        self._run(decays, self._float_zeros, skip)
         self._step = s + 1
 
     def _stage(self) -> None:
-        for s, t in self._staging:
-            s.copy_(t, non_blocking=self._pin_sync)
+        with torch.no_grad():
+            for s, t in self._staging:
+                s.copy_(t, non_blocking=self._pin_sync)
         if self._pin_sync:
             torch.cuda.current_stream(self._staging[0][1].device).synchronize()
 
     def _run(self, decays, zeros, skip, start: int = 0) -> None:
         for j in range(start, len(self._plans)):
-            kind, plan, _, _, _ = self._plans[j]
+            kind, call, _, _ = self._plans[j]
             try:
-                plan.update_(decays if kind == "average" else zeros, skip)
+                call(decays if kind == "average" else zeros, skip)
             except RuntimeError:
                 if self._plan_keys() == self._keys:
                     raise
-                # A tensor got new storage (model.to(), p.data = ...): plan again, go on
+                # A tensor got new storage (model.to(), p.data = ...): plan again and go on
                 # from this group (the groups before it are already updated).
                 self._bind()
                 if self._cross:
                     self._stage()
                 return self._run(decays, zeros, skip, j)
-        self._copy_others(skip)
+        if self._others:
+            self._copy_others(skip)
 
     def _copy_others(self, skip) -> None:
-        for src, emas in self._others:
-            for e in emas:
-                if skip is None:
-                    e.copy_(src)
-                else:
-                    e.copy_(torch.where(skip.to(device=e.device).reshape(()) != 0, e,
-                                        src.to(e.device)))
+        with torch.no_grad():
+            for srcs, contiguous, flats in self._others:
+                if not contiguous:
+                    srcs = [t.reshape(-1) for t in srcs]
+                if skip is None and not self._cross:
+                    if len(srcs) == 1:
+                        flats[0].copy_(srcs[0])
+                    else:
+                        torch.cat(srcs, out=flats[0])
+                    for f in flats[1:]:
+                        f.copy_(flats[0])
+                    continue
+                new = torch.cat(srcs).to(flats[0].device)
+                for f in flats:
+                    if skip is None:
+                        f.copy_(new)
+                    else:
+                        f.copy_(torch.where(skip.to(f.device).reshape(()) != 0, f, new))
 
     def _update_capturable(self, skip, compiling: bool) -> None:
         s = self._step_t
@@ -779,16 +843,19 @@ class FusedEMA:
             found = skip.reshape(()) != 0
             flag = found if flag is None else flag | found
         if compiling:
-            for kind, _, ps, es, _ in self._plans:
+            # dynamo traces the torch ops (with their fake kernels), not the pybind plan
+            for kind, _, ps, es in self._plans:
                 functional.multi_ema_update_(es, ps, decays if kind == "average" else self._zeros,
                                              skip=flag)
-            self._copy_others(flag)
+            if self._others:
+                self._copy_others(flag)
         else:
             self._run(decays, self._zeros, flag)
-        if skip is not None:
-            s.add_((skip.reshape(()) == 0).to(torch.int64))
-        else:
-            s.add_(1)
+        with torch.no_grad():
+            if skip is not None:
+                s.add_((skip.reshape(()) == 0).to(torch.int64))
+            else:
+                s.add_(1)
 
     # ------------------------------------------------------------------ optimizer hook
 
