@@ -21,7 +21,7 @@ from torch import nn
 
 from . import fallback, functional
 from .functional import EMAPlan
-from .schedules import Constant, Schedule
+from .schedules import Constant, HalfLife, Schedule
 
 __all__ = ["FusedEMA"]
 
@@ -438,7 +438,7 @@ class FusedEMA:
                         if self.capturable else None)
         self._attached: Dict[int, _Handle] = {}
         self._const = None
-        if all(isinstance(s, Constant) or type(s).__name__ == "HalfLife" for s in schedules):
+        if all(type(s) in (Constant, HalfLife) for s in schedules):
             self._const = [s(0) ** self.update_every for s in schedules]
         self._bind()
 
@@ -760,6 +760,9 @@ class FusedEMA:
         ``model``: update from this model instead (matched by name; DDP and torch.compile
         wrappers of the EMA's model are the same model). ``skip``: a 0-d tensor, e.g. a
         GradScaler's found-inf: when non-zero nothing changes (read on the device, no sync).
+        A skipped step is not counted when the flag can be read for free (a CPU tensor) or
+        with ``capturable=True``; a CUDA flag without ``capturable`` still advances the step
+        counter, as reading it would need a host sync.
         """
         compiling = torch.compiler.is_compiling()
         if model is not None and _unwrap(model) is not self._model:
