@@ -1,0 +1,532 @@
+"""The benchmark cases and every method compared, each as a ``Runner``.
+
+A ``Case`` is one parameter set on one device in one configuration:
+
+* ``fp32``: fp32 params, fp32 EMA, one decay;
+* ``bf16``: bf16 params, fp32 EMA, one decay (the mixed-precision training case);
+* ``fp32x2``: fp32 params, two fp32 EMAs with two decays (e.g. eval EMA + teacher).
+
+A method's builder takes a case and returns a ``Runner``: ``step()`` applies one EMA
+update (all decays of the case), ``emas`` are the EMA tensors it updates (one list per
+decay) so the harness can reset them and check the result. Builders raise
+``Unsupported`` for a configuration a method cannot do; the table then says why.
+
+Each method is written the way its users write it, at its best settings: library
+objects own their EMA copy as in real use, plain functions update the case's
+shared EMA tensors.
+"""
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import fused_ema
+
+try:  # issue 3; the benchmark runs without it
+    from fused_ema import FusedEMA
+except ImportError:  # pragma: no cover - depends on the checkout
+    try:
+        from fused_ema.ema import FusedEMA
+    except ImportError:
+        FusedEMA = None
+
+try:
+    import torch_ema
+except ImportError:  # pragma: no cover - optional benchmark extra
+    torch_ema = None
+try:
+    import ema_pytorch
+except ImportError:  # pragma: no cover - optional benchmark extra
+    ema_pytorch = None
+
+from models import numel, spec
+
+KINDS = ("fp32", "bf16", "fp32x2")
+KIND_LABELS = {
+    "fp32": "fp32 params, fp32 EMA",
+    "bf16": "bf16 params, fp32 EMA",
+    "fp32x2": "fp32, two decays",
+}
+
+
+class Unsupported(Exception):
+    """The method cannot run this case (the message says why)."""
+
+
+class ParamsModule(nn.Module):
+    """Holds a parameter list so module-based EMA libraries can wrap it."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        super().__init__()
+        self.p = nn.ParameterList([nn.Parameter(t) for t in tensors])
+
+
+@dataclass
+class Case:
+    model: str
+    kind: str
+    device: torch.device
+    decays: tuple
+    names: List[str]
+    module: ParamsModule
+    params: List[torch.Tensor]
+    emas: List[List[torch.Tensor]]  # shared EMA lists, one per decay
+    start: List[List[torch.Tensor]]  # the EMA lists' starting values
+    ref: List[List[torch.Tensor]] = field(default_factory=list)  # expected after CHECK_STEPS
+    numel: int = 0
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def ema_dtype(self) -> torch.dtype:
+        return self.emas[0][0].dtype
+
+    @property
+    def num_decays(self) -> int:
+        return len(self.decays)
+
+    @property
+    def bytes_per_update(self) -> int:
+        """The least traffic the job needs: read each param once, read and write each EMA."""
+        p, e = self.param_dtype.itemsize, self.ema_dtype.itemsize
+        return self.numel * (p + 2 * e * self.num_decays)
+
+    @torch.no_grad()
+    def reset(self, ema_lists: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Writes the starting values into ``ema_lists`` (one list per decay)."""
+        for emas, start in zip(ema_lists, self.start):
+            torch._foreach_copy_(list(emas), start)
+
+    @torch.no_grad()
+    def expected(self, steps: int) -> List[List[torch.Tensor]]:
+        """The EMA after ``steps`` updates from ``start``, in closed form:
+        ``p + d**steps * (e0 - p)``, with ``d**steps`` in float64 and one fp32 lerp per
+        tensor (error about 1e-7, far below the check's tolerance). The iterative float64
+        loop is in tests/test_benchmarks.py."""
+        out = []
+        for d, start in zip(self.decays, self.start):
+            w = float(d) ** steps
+            out.append([torch.lerp(p.detach().to(e.dtype), e, w) for p, e in zip(self.params, start)])
+        return out
+
+
+CHECK_STEPS = 2
+_TILE = 1_000_003  # a prime: tiled values never line up with chunk or vector boundaries
+
+
+def _filler(device, seed: int):
+    """Fills tensors with N(0, 1) values tiled from one random block: as good as fresh
+    random numbers for timing and checking, and 20x faster to make for 1B elements."""
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(_TILE, generator=gen).to(device)
+    offsets = torch.randint(0, _TILE, (1 << 16,), generator=gen).tolist()
+
+    def fill(i: int, shape, dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        flat, n = out.view(-1), out.numel()
+        pos, src = 0, offsets[i % len(offsets)]
+        while pos < n:
+            m = min(n - pos, _TILE - src)
+            flat[pos:pos + m].copy_(block[src:src + m])
+            pos, src = pos + m, 0
+        return out
+    return fill
+
+
+def build_case(model: str, kind: str, device: str = "cpu", decays: Sequence[float] = (0.999, 0.9999),
+               seed: int = 0, with_reference: bool = True) -> Case:
+    """Params and EMA starting values drawn from N(0, 1) in the model's shapes; the shared
+    EMA lists in fp32 (the EMA dtype of every case)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown case kind {kind!r}; choose from {', '.join(KINDS)}")
+    device = torch.device(device)
+    decays = tuple(decays[:2] if kind == "fp32x2" else decays[:1])
+    param_dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    shapes = spec(model)
+    fill_param = _filler(device, seed)
+    tensors = [fill_param(i, shape, param_dtype) for i, (_, shape) in enumerate(shapes)]
+    module = ParamsModule(tensors)
+    params = list(module.parameters())
+    start = []
+    for k in range(len(decays)):
+        fill_ema = _filler(device, seed + 1 + k)
+        start.append([fill_ema(i, p.shape, torch.float32) for i, p in enumerate(params)])
+    emas = [[torch.empty_like(e) for e in row] for row in start]
+    case = Case(model, kind, device, decays, [n for n, _ in shapes], module, params, emas, start,
+                numel=sum(p.numel() for p in params))
+    case.reset(case.emas)
+    if with_reference:
+        case.ref = case.expected(CHECK_STEPS)
+    return case
+
+
+@torch.no_grad()
+def max_error(case: Case, ema_lists: Sequence[Sequence[torch.Tensor]],
+              chunk: int = 1 << 18) -> float:
+    """Largest |EMA - expected| over all tensors and decays, in cache-sized chunks."""
+    worst = []
+    for got, want in zip(ema_lists, case.ref):
+        for g, w in zip(got, want):
+            g, w = g.detach().reshape(-1), w.reshape(-1)
+            for s in range(0, g.numel(), chunk):
+                worst.append((g[s:s + chunk].float() - w[s:s + chunk].float()).abs_().max())
+    return torch.stack(worst).max().item() if worst else 0.0
+
+
+@dataclass
+class Runner:
+    step: Callable[[], None]
+    emas: List[List[torch.Tensor]]
+    note: str = ""
+    keep: object = None  # objects the step needs alive (library EMA objects, buffers)
+
+
+@dataclass
+class Method:
+    key: str
+    label: str
+    kinds: tuple
+    build: Callable[[Case], Runner]
+    group: str  # "baseline", "library", "fused"
+    reference: bool = False  # a bandwidth reference, not an EMA
+    ref_bytes_per_element: int = 0  # a reference's traffic per element of the case
+    graph_safe: bool = True  # False: the update syncs with the host, no CUDA graph capture
+
+    def bytes_per_update(self, case: Case) -> int:
+        if self.reference:
+            return case.numel * self.ref_bytes_per_element
+        return case.bytes_per_update
+
+
+# --------------------------------------------------------------------------------------
+# Bandwidth references: the same element count and bytes, one flat in-place pass.
+
+def _flat_add(ema_dtype, param_dtype):
+    def build(case: Case) -> Runner:
+        a = torch.randn(case.numel, device=case.device).to(ema_dtype)
+        b = torch.randn(case.numel, device=case.device).to(param_dtype)
+
+        def step():
+            a.add_(b)
+        return Runner(step, [], keep=(a, b))
+    return build
+
+
+def _flat_copy(case: Case) -> Runner:
+    # Moves numel * 12 bytes (read + write), like an fp32 EMA update.
+    n = case.numel * 3 // 2
+    a = torch.empty(n, device=case.device)
+    b = torch.randn(n, device=case.device)
+
+    def step():
+        a.copy_(b)
+    return Runner(step, [], keep=(a, b))
+
+
+# --------------------------------------------------------------------------------------
+# Baselines written inline by users.
+
+def _one_decay(case: Case) -> float:
+    if case.num_decays != 1:
+        raise Unsupported("one decay per update")
+    return case.decays[0]
+
+
+def naive_mul_add(case: Case) -> Runner:
+    d = _one_decay(case)
+    emas, params = case.emas[0], case.params
+
+    def step():
+        with torch.no_grad():
+            for e, p in zip(emas, params):
+                e.mul_(d).add_(p, alpha=1 - d)
+    return Runner(step, case.emas)
+
+
+def naive_lerp(case: Case) -> Runner:
+    d = _one_decay(case)
+    emas, params = case.emas[0], case.params
+    if case.param_dtype == case.ema_dtype:
+        def step():
+            with torch.no_grad():
+                for e, p in zip(emas, params):
+                    e.lerp_(p, 1 - d)
+        return Runner(step, case.emas)
+
+    def step():  # lerp_ needs equal dtypes: cast each param
+        with torch.no_grad():
+            for e, p in zip(emas, params):
+                e.lerp_(p.to(e.dtype), 1 - d)
+    return Runner(step, case.emas, note="cast per tensor")
+
+
+def _by_dtype(emas, params):
+    groups: Dict[tuple, tuple] = {}
+    for e, p in zip(emas, params):
+        groups.setdefault((e.dtype, p.dtype), ([], []))
+        groups[(e.dtype, p.dtype)][0].append(e)
+        groups[(e.dtype, p.dtype)][1].append(p)
+    return list(groups.values())
+
+
+def foreach_mul_add(case: Case) -> Runner:
+    """NeMo's EMA: ``_foreach_mul_`` then ``_foreach_add_``."""
+    d = _one_decay(case)
+    groups = _by_dtype(case.emas[0], case.params)
+
+    def step():
+        with torch.no_grad():
+            for emas, params in groups:
+                torch._foreach_mul_(emas, d)
+                torch._foreach_add_(emas, params, alpha=1 - d)
+    return Runner(step, case.emas)
+
+
+def foreach_lerp(case: Case) -> Runner:
+    """timm ModelEmaV3 / swa_utils.get_ema_multi_avg_fn: ``_foreach_lerp_`` per dtype group;
+    with bf16 params a fresh fp32 copy of the params first (lerp needs equal dtypes)."""
+    d = _one_decay(case)
+    groups = _by_dtype(case.emas[0], case.params)
+    if case.param_dtype == case.ema_dtype:
+        def step():
+            with torch.no_grad():
+                for emas, params in groups:
+                    torch._foreach_lerp_(emas, params, 1 - d)
+        return Runner(step, case.emas)
+
+    def step():
+        with torch.no_grad():
+            for emas, params in groups:
+                torch._foreach_lerp_(emas, [p.to(e.dtype) for e, p in zip(emas, params)], 1 - d)
+    return Runner(step, case.emas, note="fresh .float()")
+
+
+def foreach_lerp_buffer(case: Case) -> Runner:
+    """bf16 params: ``_foreach_copy_`` into a preallocated fp32 buffer, then ``_foreach_lerp_``."""
+    d = _one_decay(case)
+    if case.param_dtype == case.ema_dtype:
+        raise Unsupported("only for params in another dtype than the EMA")
+    bufs = [torch.empty_like(e) for e in case.emas[0]]
+    emas, params = case.emas[0], case.params
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_copy_(bufs, params)
+            torch._foreach_lerp_(emas, bufs, 1 - d)
+    return Runner(step, case.emas, note="prealloc buffer", keep=bufs)
+
+
+def foreach_lerp_x2(case: Case) -> Runner:
+    if case.num_decays != 2:
+        raise Unsupported("two-decay case only")
+    (ema_a, ema_b), params, (da, db) = case.emas, case.params, case.decays
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_a, params, 1 - da)
+            torch._foreach_lerp_(ema_b, params, 1 - db)
+    return Runner(step, case.emas)
+
+
+# --------------------------------------------------------------------------------------
+# Libraries, at their best settings.
+
+def averaged_model(case: Case) -> Runner:
+    """``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` (foreach lerp)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    d = _one_decay(case)
+    avg = AveragedModel(case.module, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=False)
+    if case.param_dtype != case.ema_dtype:
+        avg = avg.to(case.ema_dtype)
+    emas = [p.detach() for p in avg.module.parameters()]
+    avg.update_parameters(case.module)  # the first call copies the weights
+    try:
+        avg.update_parameters(case.module)
+    except RuntimeError as exc:
+        raise Unsupported(f"AveragedModel fails with an fp32 EMA of bf16 params: "
+                          f"{str(exc).splitlines()[0]}") from None
+    module = case.module
+
+    def step():
+        avg.update_parameters(module)
+    return Runner(step, [emas], keep=avg)
+
+
+def torch_ema_(case: Case) -> Runner:
+    """torch_ema 0.3 ``ExponentialMovingAverage(params, decay, use_num_updates=False)``."""
+    if torch_ema is None:
+        raise Unsupported("torch_ema not installed (pip install -e '.[bench]')")
+    d = _one_decay(case)
+    if case.param_dtype != case.ema_dtype:
+        raise Unsupported("keeps its EMA in the params' dtype (no fp32 EMA of bf16 params)")
+    ema = torch_ema.ExponentialMovingAverage(case.params, decay=d, use_num_updates=False)
+
+    def step():
+        ema.update()
+    return Runner(step, [ema.shadow_params], keep=ema)
+
+
+def ema_pytorch_(case: Case) -> Runner:
+    """ema-pytorch 0.8.3 ``EMA(use_foreach=True, update_every=1, update_after_step=0)``,
+    ``min_value=beta`` so every update uses ``beta`` (no warm-up); bf16 params: an fp32
+    ``ema_model`` with ``coerce_dtype=True``."""
+    if ema_pytorch is None:
+        raise Unsupported("ema-pytorch not installed (pip install -e '.[bench]')")
+    d = _one_decay(case)
+    ema_model = None
+    if case.param_dtype != case.ema_dtype:
+        ema_model = copy.deepcopy(case.module).to(case.ema_dtype)
+    ema = ema_pytorch.EMA(case.module, ema_model=ema_model, beta=d, update_after_step=0,
+                          update_every=1, min_value=d, use_foreach=True,
+                          include_online_model=False,
+                          coerce_dtype=case.param_dtype != case.ema_dtype)
+    ema.update()  # the first call copies the weights
+    emas = [p.detach() for p in ema.ema_model.parameters()]
+
+    def step():
+        ema.update()
+    return Runner(step, [emas], keep=ema)
+
+
+# --------------------------------------------------------------------------------------
+# fused_ema.
+
+def fused_ema_update(case: Case) -> Runner:
+    d = _one_decay(case)
+    emas, params = case.emas[0], case.params
+
+    def step():
+        fused_ema.ema_update_(emas, params, d)
+    return Runner(step, case.emas)
+
+
+def fused_plan(case: Case) -> Runner:
+    d = _one_decay(case)
+    plan = fused_ema.EMAPlan(case.emas[0], case.params)
+
+    def step():
+        plan.update_(d)
+    return Runner(step, case.emas, keep=plan)
+
+
+def _fused_ema_class(case: Case) -> Runner:
+    if FusedEMA is None:
+        raise Unsupported("fused_ema.FusedEMA not available in this checkout")
+    if case.num_decays == 1:
+        ema = FusedEMA(case.module, decay=case.decays[0])
+        modules = [ema.module]
+    else:
+        ema = FusedEMA(case.module, decays=tuple(case.decays))
+        modules = list(ema.modules)
+    emas = [[p.detach() for p in m.parameters()] for m in modules]
+    if any(e.dtype != case.ema_dtype for row in emas for e in row):
+        raise Unsupported(f"EMA dtype {emas[0][0].dtype}, expected {case.ema_dtype}")
+
+    def step():
+        ema.update()
+    return Runner(step, emas, keep=ema)
+
+
+def fused_ema_update_x2(case: Case) -> Runner:
+    if case.num_decays != 2:
+        raise Unsupported("two-decay case only")
+    (ema_a, ema_b), params, (da, db) = case.emas, case.params, case.decays
+
+    def step():
+        fused_ema.ema_update_(ema_a, params, da)
+        fused_ema.ema_update_(ema_b, params, db)
+    return Runner(step, case.emas)
+
+
+def fused_plan_x2(case: Case) -> Runner:
+    if case.num_decays != 2:
+        raise Unsupported("two-decay case only")
+    plan_a = fused_ema.EMAPlan(case.emas[0], case.params)
+    plan_b = fused_ema.EMAPlan(case.emas[1], case.params)
+    da, db = case.decays
+
+    def step():
+        plan_a.update_(da)
+        plan_b.update_(db)
+    return Runner(step, case.emas, keep=(plan_a, plan_b))
+
+
+def fused_multi(case: Case) -> Runner:
+    if case.num_decays != 2:
+        raise Unsupported("two-decay case only")
+    emas, params, decays = case.emas, case.params, list(case.decays)
+
+    def step():
+        fused_ema.multi_ema_update_(emas, params, decays)
+    return Runner(step, case.emas)
+
+
+def fused_plan_multi(case: Case) -> Runner:
+    if case.num_decays != 2:
+        raise Unsupported("two-decay case only")
+    plan = fused_ema.EMAPlan.multi(case.emas, case.params)
+    decays = list(case.decays)
+
+    def step():
+        plan.update_(decays)
+    return Runner(step, case.emas, keep=plan)
+
+
+METHODS: List[Method] = [
+    Method("bw_add", "bandwidth ref: flat fp32 a.add_(b)", KINDS,
+           lambda c: _flat_add(torch.float32, torch.float32)(c), "reference", reference=True,
+           ref_bytes_per_element=12),
+    Method("bw_add_mixed", "bandwidth ref: flat fp32 a.add_(bf16 b)", ("bf16",),
+           lambda c: _flat_add(torch.float32, torch.bfloat16)(c), "reference", reference=True,
+           ref_bytes_per_element=10),
+    Method("bw_copy", "bandwidth ref: flat D2D copy_", (),  # added on CUDA only
+           _flat_copy, "reference", reference=True, ref_bytes_per_element=12),
+    Method("naive_mul_add", "naive loop: mul_ + add_", ("fp32", "bf16"), naive_mul_add, "baseline"),
+    Method("naive_lerp", "naive loop: lerp_", ("fp32", "bf16"), naive_lerp, "baseline"),
+    Method("foreach_mul_add", "_foreach_mul_ + _foreach_add_ (NeMo)", ("fp32", "bf16"),
+           foreach_mul_add, "baseline"),
+    Method("foreach_lerp", "_foreach_lerp_ by dtype (timm)", ("fp32", "bf16"), foreach_lerp,
+           "baseline"),
+    Method("foreach_lerp_buf", "_foreach_copy_ to fp32 buf + _foreach_lerp_", ("bf16",),
+           foreach_lerp_buffer, "baseline"),
+    Method("foreach_lerp_x2", "2 x _foreach_lerp_", ("fp32x2",), foreach_lerp_x2, "baseline"),
+    Method("averaged_model", "swa_utils.AveragedModel (EMA fn)", ("fp32", "bf16"),
+           averaged_model, "library", graph_safe=False),
+    Method("torch_ema", "torch_ema 0.3", ("fp32", "bf16"), torch_ema_, "library"),
+    Method("ema_pytorch", "ema-pytorch 0.8.3 (foreach)", ("fp32", "bf16"), ema_pytorch_,
+           "library", graph_safe=False),
+    Method("ema_update", "fused_ema.ema_update_", ("fp32", "bf16"), fused_ema_update, "fused"),
+    Method("plan", "fused_ema.EMAPlan.update_", ("fp32", "bf16"), fused_plan, "fused"),
+    Method("fused_ema", "fused_ema.FusedEMA.update", KINDS, _fused_ema_class, "fused"),
+    Method("ema_update_x2", "2 x fused_ema.ema_update_", ("fp32x2",), fused_ema_update_x2,
+           "fused"),
+    Method("plan_x2", "2 x EMAPlan.update_", ("fp32x2",), fused_plan_x2, "fused"),
+    Method("multi_ema_update", "fused_ema.multi_ema_update_ (1 pass)", ("fp32x2",), fused_multi,
+           "fused"),
+    Method("plan_multi", "EMAPlan.multi(...).update_ (1 pass)", ("fp32x2",), fused_plan_multi,
+           "fused"),
+]
+METHOD_BY_KEY = {m.key: m for m in METHODS}
+EMA_METHOD_KEYS = [m.key for m in METHODS if not m.reference]
+
+
+def methods_for(kind: str, device: str, keys: Optional[Sequence[str]] = None) -> List[Method]:
+    """The methods run for a case: the references always, then the selected EMA methods."""
+    out = []
+    for m in METHODS:
+        if m.reference:
+            if kind in m.kinds or (m.key == "bw_copy" and device == "cuda"):
+                out.append(m)
+        elif kind in m.kinds and (keys is None or m.key in keys):
+            out.append(m)
+    return out
+
+
+def gbps(bytes_moved: float, seconds: float) -> float:
+    return bytes_moved / seconds / 1e9 if seconds and math.isfinite(seconds) else float("nan")

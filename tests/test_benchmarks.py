@@ -1,0 +1,158 @@
+"""The benchmark machinery (benchmarks/) on a tiny parameter set with a tiny time budget:
+every method computes the same EMA as a float64 loop, and a run writes its outputs."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench  # noqa: E402
+import methods as M  # noqa: E402
+import models  # noqa: E402
+
+# Methods that cannot run a case, and why that is expected.
+EXPECTED_UNSUPPORTED = {
+    ("bf16", "averaged_model"),  # foreach lerp needs equal dtypes
+    ("bf16", "torch_ema"),  # keeps its EMA in the params' dtype
+}
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name, tensors, params", [
+    ("resnet50", 161, 25_557_032),
+    ("gpt2_small", 148, 124_439_808),
+    ("vit_b16", 152, 86_567_656),
+    ("many_small", 2000, 2_048_000),
+    ("llama_1b", 201, 1_100_048_384),
+])
+def test_model_shapes_match_the_real_architectures(name, tensors, params):
+    spec = models.spec(name)
+    assert len(spec) == tensors
+    assert sum(models.numel(s) for _, s in spec) == params
+    assert len({n for n, _ in spec}) == tensors  # names are unique
+
+
+def _float64_loop(case, steps):
+    out = []
+    for d, start in zip(case.decays, case.start):
+        row = []
+        for p, e0 in zip(case.params, start):
+            e, p64 = e0.double(), p.detach().double()
+            for _ in range(steps):
+                e = e + (1.0 - d) * (p64 - e)
+            row.append(e)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("kind", M.KINDS)
+def test_every_method_matches_a_float64_loop(kind):
+    case = M.build_case("tiny", kind)
+    steps = 3
+    want = _float64_loop(case, steps)
+    ran = []
+    for m in M.methods_for(kind, "cpu"):
+        if m.reference:
+            continue
+        try:
+            runner = m.build(case)
+        except M.Unsupported as exc:
+            if m.key == "fused_ema" and M.FusedEMA is None:
+                continue
+            assert (kind, m.key) in EXPECTED_UNSUPPORTED, f"{m.key} unsupported: {exc}"
+            continue
+        assert (kind, m.key) not in EXPECTED_UNSUPPORTED, f"{m.key} now runs {kind}: update the table"
+        case.reset(runner.emas)
+        for _ in range(steps):
+            runner.step()
+        assert len(runner.emas) == case.num_decays
+        for got_row, want_row in zip(runner.emas, want):
+            assert len(got_row) == len(want_row)
+            for got, ref in zip(got_row, want_row):
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-6,
+                                           msg=lambda s: f"{m.key} ({kind}): {s}")
+        # the harness's own check agrees (after CHECK_STEPS updates)
+        case.reset(runner.emas)
+        for _ in range(M.CHECK_STEPS):
+            runner.step()
+        assert M.max_error(case, runner.emas) <= bench.CHECK_TOL, m.key
+        ran.append(m.key)
+    assert "plan" in ran or "plan_multi" in ran
+
+
+def test_the_check_catches_a_wrong_ema():
+    case = M.build_case("tiny", "fp32")
+    runner = M.METHOD_BY_KEY["plan"].build(case)
+    case.reset(runner.emas)
+    runner.step()  # one update instead of CHECK_STEPS
+    assert M.max_error(case, runner.emas) > bench.CHECK_TOL
+
+
+def test_bytes_per_update_counts_honestly():
+    n = 1006
+    assert M.build_case("tiny", "fp32").bytes_per_update == 12 * n
+    assert M.build_case("tiny", "bf16").bytes_per_update == 10 * n
+    assert M.build_case("tiny", "fp32x2").bytes_per_update == 20 * n
+
+
+def test_plans():
+    default = bench.plan_cases(bench.parse_args([]))
+    assert ("gpt2_small", "fp32") in default and ("many_small", "fp32") in default
+    assert ("gpt2_small", "bf16") in default and ("gpt2_small", "fp32x2") in default
+    matrix = bench.plan_cases(bench.parse_args(["--models", "vit_b16,tiny", "--dtypes", "fp32,bf16",
+                                                "--decays", "1,2"]))
+    assert matrix == [("vit_b16", "fp32"), ("vit_b16", "fp32x2"), ("vit_b16", "bf16"),
+                      ("tiny", "fp32"), ("tiny", "fp32x2"), ("tiny", "bf16")]
+    assert ("llama_1b", "fp32") in bench.plan_cases(bench.parse_args(["--large"]))
+
+
+def test_a_run_writes_json_csv_png_and_markdown(tmp_path, capsys):
+    result = bench.main(["--models", "tiny", "--dtypes", "fp32,bf16", "--decays", "1,2",
+                         "--device", "cpu", "--min-run-time", "0.01", "--rounds", "2",
+                         "--out-dir", str(tmp_path), "--tag", "t", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "Targets" in out and "EMAPlan.update_" in out
+    for ext in ("json", "csv", "png", "md"):
+        assert (tmp_path / f"t.{ext}").stat().st_size > 0, ext
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["meta"]["torch_threads"] == 2
+    assert {(c["model"], c["kind"]) for c in data["cases"]} == {
+        ("tiny", "fp32"), ("tiny", "fp32x2"), ("tiny", "bf16")}
+    for c in data["cases"]:
+        for r in c["rows"]:
+            if r["status"] == "ok":
+                assert r["median_s"] > 0 and r["samples"] >= 2, r
+                if not r["reference"]:
+                    assert r["check"] == "ok", r
+            else:
+                assert r["status"] == "n/a", r
+    assert len(data["targets"]) >= len(bench.TARGETS)
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(c["rows"]) for c in result["cases"])
+    md = (tmp_path / "t.md").read_text()
+    assert "| method |" in md and "t.png" in md
+
+
+def test_update_readme_rewrites_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{bench.README_BEGIN}\nold\n{bench.README_END}\nafter\n")
+    assert bench.update_readme(readme, "new table\n", "t")
+    assert readme.read_text() == (f"# x\nbefore\n{bench.README_BEGIN}\nnew table\n"
+                                  f"{bench.README_END}\nafter\n")
+    other = tmp_path / "OTHER.md"
+    other.write_text("no markers\n")
+    assert not bench.update_readme(other, "x", "t")
+    assert other.read_text() == "no markers\n"
