@@ -43,7 +43,9 @@ def extension():
     # -fopenmp at compile time turns on at::parallel_for's OpenMP loop; the
     # symbols resolve to the OpenMP runtime torch already loads, so we do not
     # link a second one.
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    # -ffp-contract=off: the CPU kernel gives the same bits whatever the ISA
+    # clone it runs (see ema_cpu.cpp). The C++ standard is the one torch asks for.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if want_cuda():
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DFUSED_EMA_WITH_CUDA"]
         return CUDAExtension(
