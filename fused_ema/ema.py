@@ -606,6 +606,7 @@ class FusedEMA:
                     s = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                             device=self._device, pin_memory=pin)
                     plan_srcs.append(s)
+                    views.append((t, t.data_ptr()))  # the plan sees the staging copy only
                 else:
                     plan_srcs.append(t)
                     if not t.is_contiguous():
@@ -613,13 +614,21 @@ class FusedEMA:
                 for k in range(self.num_decays):
                     if not emas[k][i].is_contiguous():
                         views.append((emas[k][i], emas[k][i].data_ptr()))
-        self._srcs = srcs
-        self._emas = emas
-        self._cross = cross
-        self._pin_sync = pin
-        self._staging = [(s, t) for s, t, kind in zip(plan_srcs, srcs, self._kinds)
-                         if cross and kind != "other"]
-        self._views = views
+        # Plans first: if one fails (a tensor the engine refuses), nothing of the old
+        # binding has been replaced yet.
+        plans = []
+        for kind in ("average", "copy"):
+            idx = [i for i, k in enumerate(self._kinds) if k == kind]
+            if not idx:
+                continue
+            ps = [_flat(plan_srcs[i]) for i in idx]
+            es = [[_flat(emas[k][i]) for i in idx] for k in range(self.num_decays)]
+            try:
+                plan = EMAPlan.multi(es, ps)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                names = [self._names[i] for i in idx]
+                raise type(exc)(_name_indices(str(exc), names, self.num_decays)) from None
+            plans.append((kind, _plan_caller(plan), ps, es))
         if self._model is not None:
             target = self._model if model is None else model
             # what the per-step check compares by identity: each tracked tensor in its
@@ -633,24 +642,14 @@ class FusedEMA:
             self._model = target
         else:
             self._containers = None
-
-        def group(kind):
-            idx = [i for i, k in enumerate(self._kinds) if k == kind]
-            return idx, [plan_srcs[i] for i in idx], [[_flat(emas[k][i]) for i in idx]
-                                                      for k in range(self.num_decays)]
-
-        self._plans = []
-        for kind in ("average", "copy"):
-            idx, ps, es = group(kind)
-            if not idx:
-                continue
-            ps = [_flat(p) for p in ps]
-            try:
-                plan = EMAPlan.multi(es, ps)
-            except (ValueError, TypeError, RuntimeError) as exc:
-                names = [self._names[i] for i in idx]
-                raise type(exc)(_name_indices(str(exc), names, self.num_decays)) from None
-            self._plans.append((kind, _plan_caller(plan), ps, es))
+        self._plans = plans
+        self._srcs = srcs
+        self._emas = emas
+        self._cross = cross
+        self._pin_sync = pin
+        self._staging = [(s, t) for s, t, kind in zip(plan_srcs, srcs, self._kinds)
+                         if cross and kind != "other"]
+        self._views = views
         self._others = self._group_others(srcs, emas)
         self._float_zeros = [0.0] * self.num_decays
         self._keys = self._plan_keys()
