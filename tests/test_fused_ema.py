@@ -35,10 +35,10 @@ def perturb(model, gen, scale=0.1):
     """A stand-in for a training step: every parameter and buffer changes."""
     with torch.no_grad():
         for p in model.parameters():
-            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype))
+            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p))
         for b in model.buffers():
             if b.is_floating_point():
-                b.add_((torch.rand(b.shape, generator=gen, dtype=torch.float64) * scale).to(b.dtype))
+                b.add_((torch.rand(b.shape, generator=gen, dtype=torch.float64) * scale).to(b))
             else:
                 b.add_(1)
 
@@ -919,3 +919,30 @@ def test_capturable_in_a_cuda_graph():
     assert ema.step == 8
     for x, y in zip(host.module.state_dict().values(), ema.module.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+@requires_cuda
+@pytest.mark.parametrize("capturable", [False, True])
+def test_cuda_grad_scaler_found_inf_is_read_on_the_device(capturable):
+    model = make_model().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+    ema = FusedEMA(model, decay=0.8, capturable=capturable)
+    ema.attach(opt, scaler=scaler)
+    g = torch.Generator().manual_seed(0)
+    for s in range(4):
+        before = snapshot(ema.module)
+        x = torch.randn(8, 5, generator=g).cuda()
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if s == 2:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        after = snapshot(ema.module)
+        if s == 2:
+            assert_same(after, before)
+        else:
+            assert not torch.equal(after["0.weight"], before["0.weight"])
+    # without capturable a device flag cannot be read for free: the step still counts
+    assert ema.step == (3 if capturable else 4)
