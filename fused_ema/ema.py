@@ -285,7 +285,8 @@ class FusedEMA:
         device: Optional[Union[str, torch.device]] = None,
     ):
         # -- settings (all checked before anything is copied)
-        given = [n for n, v in (("decay", decay), ("tau", tau), ("decays", decays)) if v is not None]
+        given = [n for n, v in (("decay", decay), ("tau", tau), ("decays", decays))
+                 if v is not None]
         if len(given) != 1:
             raise ValueError(
                 "fused_ema: give exactly one of decay=, tau= (tau = 1 - decay) or decays=; got "
@@ -488,7 +489,8 @@ class FusedEMA:
 
     def __repr__(self) -> str:
         sched = ", ".join(repr(s) for s in self._schedules)
-        return (f"FusedEMA(decays=[{sched}], tensors={len(self._names)}, step={self._step if not self.capturable else '<device>'}, "
+        step = "<on the device>" if self.capturable else self._step
+        return (f"FusedEMA(decays=[{sched}], tensors={len(self._names)}, step={step}, "
                 f"update_after_step={self.update_after_step}, update_every={self.update_every}, "
                 f"buffers={self.buffers!r}, device={self._device}, capturable={self.capturable})")
 
@@ -878,10 +880,13 @@ class FusedEMA:
                             f"{type(scaler).__name__}")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         ours = [t for t, kind in zip(self._srcs, self._kinds) if kind == "average"]
+        if not ours:
+            raise ValueError("fused_ema: this EMA averages no parameter (every one has "
+                             "requires_grad=False); call ema.update() where you need a copy")
         if not any(id(t) in held for t in ours):
             raise ValueError(
                 "fused_ema: the optimizer holds none of the parameters this EMA averages "
-                f"({len(ours)} tensors, e.g. '{self._names[self._kinds.index('average')] if ours else ''}'); "
+                f"({len(ours)} tensors, e.g. '{self._names[self._kinds.index('average')]}'); "
                 "attach the optimizer that trains the EMA's model")
         if id(optimizer) in self._attached:
             raise RuntimeError("fused_ema: this EMA is already attached to this optimizer; "
@@ -913,7 +918,8 @@ class FusedEMA:
 
     @torch.no_grad()
     def copy_to(self, model: Optional[nn.Module] = None, index: int = 0) -> None:
-        """Writes the EMA weights (and tracked buffers) into ``model`` (default: the online model)."""
+        """Writes the EMA weights (and tracked buffers) into ``model`` (default: the online
+        model)."""
         for t, e in self._pairs_for(model, index):
             t.copy_(e)
 

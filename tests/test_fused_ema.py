@@ -1,5 +1,4 @@
 """FusedEMA against a plain float64 reference loop, ema-pytorch and torch_ema."""
-import copy
 import io
 import math
 import re
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
-from fused_ema import FusedEMA, schedules
+from fused_ema import FusedEMA
 from fused_ema.schedules import Constant, Cosine, HalfLife, Warmup
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 EMA against a float64 loop

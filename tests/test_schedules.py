@@ -118,6 +118,7 @@ def test_settings_repr_and_equality():
     assert Cosine(0.99, total_steps=5) == Cosine(0.99, 1.0, 5)
     assert Cosine(0.99, total_steps=5) != Cosine(0.99, total_steps=6)
     assert Constant(0.9) != HalfLife(10)
-    assert repr(Warmup(0.99)) == "Warmup(decay=0.99, gamma=1.0, power=0.6666666666666666, min_decay=0.0)"
+    assert repr(Warmup(0.99)) == ("Warmup(decay=0.99, gamma=1.0, power=0.6666666666666666, "
+                                  "min_decay=0.0)")
     assert schedules.HalfLife(10).settings() == {"type": "HalfLife", "half_life": 10.0}
     assert len({Constant(0.9), Constant(0.9), Constant(0.8)}) == 2
