@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from . import fallback, functional
+from . import distributed, fallback, functional
 from .functional import EMAPlan
 from .schedules import Constant, HalfLife, Schedule
 
@@ -415,13 +415,15 @@ class FusedEMA:
         with torch.no_grad():
             if self._model is not None:
                 self.modules = []
+                sharded = distributed.is_sharded(self._model)
                 for _ in range(self.num_decays):
                     memo = {}
                     for name, t, _, _, is_param in src:
                         e = ema_copy(t)
                         memo[id(t)] = nn.Parameter(e, requires_grad=False) if is_param else e
-                    try:
-                        m = copy.deepcopy(self._model, memo)
+                    try:  # an FSDP2 model is not copied: a module tree holds the shards
+                        m = (distributed.ema_module(self._model, memo) if sharded
+                             else copy.deepcopy(self._model, memo))
                     except Exception as exc:
                         raise TypeError(f"fused_ema: could not deep-copy the model ({exc}); "
                                         "FusedEMA(model.parameters(), ...) averages the "
@@ -566,6 +568,7 @@ class FusedEMA:
         """Matches the model's tensors to the EMA's and builds the plans (validation once)."""
         if model is not None:
             model = _unwrap(model)
+        distributed.reshard(self._model if model is None else model)  # FSDP2: sharded params
         srcs, found = self._match(model)
         floats = [t for t, kind in zip(srcs, self._kinds) if kind != "other"]
         devices = {t.device for t in floats}
@@ -577,6 +580,7 @@ class FusedEMA:
                              f"'{self._names[0]}' is on {first}; FusedEMA needs the model on one "
                              "device")
         model_device = floats[0].device
+        distributed.check_device(model_device, self._device, floats)
         if model_device != self._device and not self._device_explicit:
             self._move_ema(model_device)  # the model moved and the EMA follows it
         emas_by_name = [self._ema_tensors(k) for k in range(self.num_decays)]
@@ -623,8 +627,10 @@ class FusedEMA:
             idx = [i for i, k in enumerate(self._kinds) if k == kind]
             if not idx:
                 continue
-            ps = [_flat(plan_srcs[i]) for i in idx]
-            es = [[_flat(emas[k][i]) for i in idx] for k in range(self.num_decays)]
+            # DTensors (FSDP2): the engine updates the local shards
+            ps = [_flat(distributed.local(plan_srcs[i])) for i in idx]
+            es = [[_flat(distributed.local(emas[k][i])) for i in idx]
+                  for k in range(self.num_decays)]
             try:
                 plan = EMAPlan.multi(es, ps)
             except (ValueError, TypeError, RuntimeError) as exc:
@@ -651,7 +657,7 @@ class FusedEMA:
         self._pin_sync = pin
         self._staging = [(s, t) for s, t, kind in zip(plan_srcs, srcs, self._kinds)
                          if cross and kind != "other"]
-        self._views = views
+        self._views = views + distributed.watch(srcs)  # a shard re-homed by FSDP
         self._others = self._group_others(srcs, emas)
         self._float_zeros = [0.0] * self.num_decays
         self._keys = self._plan_keys()
@@ -922,6 +928,7 @@ class FusedEMA:
         model)."""
         for t, e in self._pairs_for(model, index):
             t.copy_(e)
+        distributed.reshard(self._model if model is None else model)
 
     @contextmanager
     def swapped(self, model: Optional[nn.Module] = None, index: int = 0):
@@ -943,6 +950,7 @@ class FusedEMA:
             with torch.no_grad():
                 for (t, _), b in zip(pairs, saved):
                     t.copy_(b)
+            distributed.reshard(self._model if model is None else model)  # drop gathered EMA
 
     # ------------------------------------------------------------------ state dict
 
