@@ -33,7 +33,7 @@ struct alignas(16) Pack {
   T v[kVec];
 };
 
-template <typename param_t, typename F>
+template <typename F>
 __device__ __forceinline__ void with_ema_type(DType dtype, F&& f) {
   switch (dtype) {
     case DType::Float: return f(static_cast<float*>(nullptr));
@@ -64,14 +64,110 @@ __device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t>& p, do
   *reinterpret_cast<Pack<ema_t>*>(e) = ev;
 }
 
+template <typename T>
+__device__ __forceinline__ DType dtype_of();
+template <>
+__device__ __forceinline__ DType dtype_of<float>() { return DType::Float; }
+template <>
+__device__ __forceinline__ DType dtype_of<c10::Half>() { return DType::Half; }
+template <>
+__device__ __forceinline__ DType dtype_of<c10::BFloat16>() { return DType::BFloat16; }
+template <>
+__device__ __forceinline__ DType dtype_of<double>() { return DType::Double; }
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// How a row splits: scalar elements [0, head), packs of kVec from head, scalar
+// elements [tail, length). `head` is the first index where every array of the
+// row is 16-byte aligned; stepping by kVec elements keeps them aligned (kVec *
+// element size is a multiple of 16). If no such index exists, all is scalar.
+struct RowSplit {
+  int head, num_packs, tail;
+};
+
+template <typename param_t>
+__device__ __forceinline__ RowSplit split_row(const param_t* param, char* const* ema,
+                                              const DType* ema_dtype, int num_decays,
+                                              int length) {
+  int head = length;
+  for (int h = 0; h < kVec && h < length; ++h) {
+    bool ok = aligned16(param + h);
+    for (int k = 0; k < num_decays; ++k) {
+      ok = ok && aligned16(ema[k] + h * dtype_size(ema_dtype[k]));
+    }
+    if (ok) {
+      head = h;
+      break;
+    }
+  }
+  const int num_packs = (length - head) / kVec;
+  return {head, num_packs, head + num_packs * kVec};
+}
+
+// Index of the s-th scalar element of a row: the head, then the tail.
+__device__ __forceinline__ int scalar_index(const RowSplit& split, int s) {
+  return s < split.head ? s : split.tail + (s - split.head);
+}
+
+// One decay (the common case): both types known, everything in registers.
+template <typename param_t, typename ema_t>
+__device__ void update_row_one(const param_t* param, ema_t* ema, int length, double decay) {
+  char* ema_bytes = reinterpret_cast<char*>(ema);
+  const DType ema_dtype = dtype_of<ema_t>();
+  const RowSplit split = split_row(param, &ema_bytes, &ema_dtype, 1, length);
+  for (int v = threadIdx.x; v < split.num_packs; v += blockDim.x) {
+    const int idx = split.head + v * kVec;
+    update_pack(ema + idx, *reinterpret_cast<const Pack<param_t>*>(param + idx), decay);
+  }
+  const int num_scalar = split.head + (length - split.tail);
+  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
+    const int idx = scalar_index(split, s);
+    update_one(ema + idx, param[idx], decay);
+  }
+}
+
+// Several decays: each param pack is read once and applied to every EMA.
+template <typename param_t>
+__device__ void update_row_many(const param_t* param, char* const* ema, const DType* ema_dtype,
+                                int num_decays, int length, const double* decays) {
+  const RowSplit split = split_row(param, ema, ema_dtype, num_decays, length);
+  for (int v = threadIdx.x; v < split.num_packs; v += blockDim.x) {
+    const int idx = split.head + v * kVec;
+    const Pack<param_t> p = *reinterpret_cast<const Pack<param_t>*>(param + idx);
+    for (int k = 0; k < num_decays; ++k) {
+      with_ema_type(ema_dtype[k], [&](auto* tag) {
+        using ema_t = std::remove_pointer_t<decltype(tag)>;
+        update_pack(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
+      });
+    }
+  }
+  const int num_scalar = split.head + (length - split.tail);
+  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
+    const int idx = scalar_index(split, s);
+    const param_t p = param[idx];
+    for (int k = 0; k < num_decays; ++k) {
+      with_ema_type(ema_dtype[k], [&](auto* tag) {
+        using ema_t = std::remove_pointer_t<decltype(tag)>;
+        update_one(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
+      });
+    }
+  }
 }
 
 template <typename param_t>
 __device__ void update_row(const Row& row, const ParamSlot& ps, const EmaSlot* emas,
                            int64_t num_tensors, int num_decays, const double* decays) {
   const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
+  if (num_decays == 1) {
+    const EmaSlot es = emas[row.tensor];
+    with_ema_type(es.dtype, [&](auto* tag) {
+      using ema_t = std::remove_pointer_t<decltype(tag)>;
+      update_row_one(param, static_cast<ema_t*>(es.ptr) + row.start, row.length, decays[0]);
+    });
+    return;
+  }
   char* ema[kMaxDecays];
   DType ema_dtype[kMaxDecays];
   for (int k = 0; k < num_decays; ++k) {
@@ -79,43 +175,7 @@ __device__ void update_row(const Row& row, const ParamSlot& ps, const EmaSlot* e
     ema_dtype[k] = es.dtype;
     ema[k] = static_cast<char*>(es.ptr) + row.start * dtype_size(es.dtype);
   }
-
-  // First index where every array of the row is 16-byte aligned; stepping by
-  // kVec elements keeps them aligned (kVec * element size is a multiple of 16).
-  int head = row.length;
-  for (int h = 0; h < kVec && h < row.length; ++h) {
-    bool ok = aligned16(param + h);
-    for (int k = 0; k < num_decays; ++k) ok = ok && aligned16(ema[k] + h * dtype_size(ema_dtype[k]));
-    if (ok) {
-      head = h;
-      break;
-    }
-  }
-  const int num_packs = (row.length - head) / kVec;
-  const int tail = head + num_packs * kVec;
-
-  for (int v = threadIdx.x; v < num_packs; v += blockDim.x) {
-    const int idx = head + v * kVec;
-    const Pack<param_t> p = *reinterpret_cast<const Pack<param_t>*>(param + idx);
-    for (int k = 0; k < num_decays; ++k) {
-      with_ema_type<param_t>(ema_dtype[k], [&](auto* tag) {
-        using ema_t = std::remove_pointer_t<decltype(tag)>;
-        update_pack(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
-      });
-    }
-  }
-  // Scalar head [0, head) and tail [tail, length).
-  const int num_scalar = head + (row.length - tail);
-  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
-    const int idx = s < head ? s : tail + (s - head);
-    const param_t p = param[idx];
-    for (int k = 0; k < num_decays; ++k) {
-      with_ema_type<param_t>(ema_dtype[k], [&](auto* tag) {
-        using ema_t = std::remove_pointer_t<decltype(tag)>;
-        update_one(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
-      });
-    }
-  }
+  update_row_many(param, ema, ema_dtype, num_decays, row.length, decays);
 }
 
 __global__ void __launch_bounds__(kThreads)

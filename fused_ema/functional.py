@@ -168,6 +168,14 @@ class EMAPlan:
     def update_(self, decay: Union[Decay, Sequence[Decay]], skip: Optional[torch.Tensor] = None):
         """Applies one update: ``decay`` is a float or 0-d tensor, or for a multi plan a
         sequence of K of them (or a tensor of K values)."""
+        plan = self._plan
+        if plan is not None:  # the per-step hot path: no conversions for the usual arguments
+            if type(decay) is float and self.num_decays == 1:
+                return plan.update_((decay,), None, skip)
+            if isinstance(decay, torch.Tensor):
+                return plan.update_((), decay.reshape(-1), skip)
+            if type(decay) in (list, tuple) and all(type(d) is float for d in decay):
+                return plan.update_(decay, None, skip)
         if self.num_decays == 1 and (not isinstance(decay, (list, tuple))):
             decay = [decay]
         floats, decay_tensor = _split_decays(decay, self.num_decays)
