@@ -230,23 +230,18 @@ def full_state_dict(ema, *, rank0_only: bool = True, cpu: bool = True) -> Option
 
 def load_full_state_dict(ema, state_dict: Dict[str, Any]) -> None:
     """Loads a plain (full) state dict, e.g. from :func:`full_state_dict` or an unsharded run,
-    into a sharded ``FusedEMA``: each rank keeps its own part of every tensor. Every rank
-    must pass the full state dict (e.g. ``torch.load`` on each rank)."""
-    targets = ema.state_dict()
+    into a sharded ``FusedEMA``: each rank keeps its own part of every tensor, with no
+    communication. Every rank must pass the full state dict (e.g. ``torch.load`` on each
+    rank). The same as ``ema.load_state_dict(state_dict)``, which calls :func:`like`."""
+    ema.load_state_dict(state_dict)
 
-    def distribute(path, v, t):
-        if is_dtensor(t) and isinstance(v, torch.Tensor) and not is_dtensor(v):
-            return _distribute_like(v, t)
-        return v
 
-    def walk(v, t, path=()):
-        if isinstance(v, dict) and isinstance(t, dict):
-            return type(v)((k, walk(x, t.get(k), path + (k,))) for k, x in v.items())
-        if isinstance(v, list) and isinstance(t, list) and len(v) == len(t):
-            return [walk(x, y, path + (i,)) for i, (x, y) in enumerate(zip(v, t))]
-        return distribute(path, v, t)
-
-    ema.load_state_dict(walk(state_dict, targets))
+def like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as ``target`` holds it: this rank's part of a full tensor when ``target`` is
+    a DTensor and ``value`` is not (``FusedEMA.load_state_dict``); else ``value``."""
+    if is_dtensor(target) and not is_dtensor(value):
+        return _distribute_like(value, target)
+    return value
 
 
 def _distribute_like(v: torch.Tensor, like) -> Any:

@@ -1014,7 +1014,7 @@ class FusedEMA:
                 if v.dtype != t.dtype:
                     raise ValueError(f"fused_ema: '{n}' is {v.dtype} in the checkpoint but "
                                      f"{t.dtype} here (ema_dtype differs)")
-                plan.append((t, v))
+                plan.append((t, distributed.like(t, v)))  # a full tensor into a shard
         with torch.no_grad():
             for t, v in plan:
                 t.copy_(v)
