@@ -190,24 +190,6 @@ def _name_indices(message: str, names: Sequence[str], num_decays: int) -> str:
     return re.sub(r"(params|emas(?:\[\d+\])?)\[(\d+)\]", sub, message)
 
 
-def _plan_caller(plan: EMAPlan) -> Callable:
-    """``call(decays, skip)`` with decays a list of K floats or a tensor of K values.
-
-    Calls the compiled plan object directly when there is one: ``EMAPlan.update_``'s
-    argument handling costs a few microseconds per call, as much as a small update."""
-    raw = getattr(plan, "_plan", None)
-    if raw is None or not callable(getattr(raw, "update_", None)):
-        return lambda decays, skip: plan.update_(decays, skip)
-
-    def call(decays, skip, raw=raw):
-        if isinstance(decays, torch.Tensor):
-            raw.update_([], decays, skip)
-        else:
-            raw.update_(decays, None, skip)
-
-    return call
-
-
 class _Handle:
     """Returned by ``FusedEMA.attach``: ``remove()`` detaches the EMA from the optimizer."""
 
@@ -636,7 +618,7 @@ class FusedEMA:
             except (ValueError, TypeError, RuntimeError) as exc:
                 names = [self._names[i] for i in idx]
                 raise type(exc)(_name_indices(str(exc), names, self.num_decays)) from None
-            plans.append((kind, _plan_caller(plan), ps, es))
+            plans.append((kind, plan.update_, ps, es))
         if self._model is not None:
             target = self._model if model is None else model
             # what the per-step check compares by identity: each tracked tensor in its
