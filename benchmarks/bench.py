@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -84,6 +85,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "rounds (default 0.6)")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds per case (default 3)")
+    p.add_argument("--time-budget", type=float, default=150.0,
+                   help="seconds the whole run aims at (default 150): on a slow or busy "
+                   "machine cases get shorter rounds, then fewer (at least 2); 0: no limit")
     p.add_argument("--decay", type=float, default=0.999)
     p.add_argument("--decay2", type=float, default=0.9999, help="second decay of two-decay cases")
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "would not fit)")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--tag", help="file name stem of the outputs (default bench_<devices>)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write torch.profiler tables of the methods the targets compare "
+                   "(<tag>_profile.txt)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", action="store_true",
@@ -186,12 +193,53 @@ def machine_info(threads: int) -> dict:
         "torch_threads": threads,
         "git_commit": commit,
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "load_average_at_start": _loadavg(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["fused_ema_backend_cuda"] = fused_ema.backend("cuda")
     return info
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpu_counters() -> Optional[tuple]:
+    """(busy seconds of all CPUs, this process's CPU seconds, wall time), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    t = os.times()
+    return (sum(fields[:8]) - idle) / hz, t.user + t.system, time.perf_counter()
+
+
+def other_load(start: Optional[tuple], end: Optional[tuple]) -> Optional[float]:
+    """How many CPUs other processes kept busy, on average, between two ``_cpu_counters``."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+
+
+def load_warning(meta: dict) -> str:
+    """Other processes on the cores make OpenMP-parallel kernels (the bandwidth reference,
+    fused_ema) wait for descheduled threads, while single-threaded per-tensor loops do not
+    mind: say so when it happened."""
+    other = meta.get("other_processes_cpus")
+    if other is not None and other > 0.25:
+        return (f"other processes kept {other:.1f} of the {meta['logical_cpus']} CPUs busy on "
+                "average while this ran, which slows the multi-threaded kernels (bandwidth "
+                "reference, fused_ema) far more than the single-threaded per-tensor loops; rerun "
+                "on a quiet machine before trusting the ratios")
+    return ""
 
 
 def available_bytes(device: str) -> Optional[int]:
@@ -210,9 +258,36 @@ def available_bytes(device: str) -> Optional[int]:
 # --------------------------------------------------------------------------------------
 # Measuring
 
+class harness_threads:
+    """The harness's own work (making a case, resetting and checking EMAs) runs on one
+    thread: on a machine shared with other processes, a multi-threaded copy waits for
+    descheduled threads at every parallel region. The timed updates use --threads."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _clock(device: str):
+    """The clock of torch.utils.benchmark.Timer: synchronizes first on CUDA."""
+    if device != "cuda":
+        return timeit.default_timer
+
+    def clock() -> float:
+        torch.cuda.synchronize()
+        return timeit.default_timer()
+    return clock
 
 
 def summarize(times: List[float]) -> dict:
@@ -273,6 +348,27 @@ def cuda_extras(step, graph_safe: bool) -> dict:
     return out
 
 
+# --profile: the methods the targets compare.
+PROFILED = ("bw_add", "bw_copy", "foreach_lerp", "naive_mul_add", "plan", "fused_ema", "plan_x2",
+            "plan_multi")
+
+
+def profile_table(step, device: str, steps: int = 3) -> str:
+    """torch.profiler's table of ``steps`` updates: ops, self times, calls (on CUDA the
+    kernels and their launches). Each update is a ``record_function`` range, so calls that
+    bypass the dispatcher (the EMAPlan binding) still show."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function("one EMA update"):
+                step()
+        sync(device)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return f"{steps} updates\n" + prof.key_averages().table(sort_by=sort, row_limit=10)
+
+
 def estimate_bytes(case: M.Case, ms: List[M.Method]) -> int:
     """Memory of a case with all its methods alive at once (rough)."""
     ema = case.numel * case.ema_dtype.itemsize * case.num_decays
@@ -282,9 +378,61 @@ def estimate_bytes(case: M.Case, ms: List[M.Method]) -> int:
     return param + 2 * ema + owning * ema + refs * 2 * case.numel * 4
 
 
-def run_case(model: str, kind: str, device: str, args, keys, pbar) -> dict:
+def choose_rounds(call_s: List[float], rounds: int, per_round: float,
+                  cap: Optional[float]) -> tuple:
+    """Rounds and seconds per round so that timing a case's methods (a warm-up call, then
+    ``rounds`` blocks of at least ``per_round`` or one call each) fits in ``cap`` seconds:
+    first shorter rounds (down to 20 ms), then fewer rounds (down to 2)."""
+    def cost(r, b):
+        return sum(t + r * max(b, t) for t in call_s)
+    r, b = max(1, rounds), per_round
+    if cap is None:
+        return r, b
+    while cost(r, b) > cap and b > 0.02:
+        b = max(0.02, b * 0.7)
+    while cost(r, b) > cap and r > 2:
+        r -= 1
+    return r, b
+
+
+class Budget:
+    """Spreads ``seconds`` of wall time over the cases, in proportion to their weight
+    (bytes moved by all their methods), after the fixed costs (building a case, checking
+    its methods), which are forecast from the cases already run."""
+
+    def __init__(self, seconds: float, weights: List[float]):
+        self.seconds, self.weights = seconds, weights
+        self.t0 = time.perf_counter()
+        self.fixed_spent = self.weight_done = 0.0
+
+    def cap(self, index: int, fixed_now: float) -> Optional[float]:
+        if not self.seconds or self.seconds <= 0:
+            return None
+        w_now, w_future = self.weights[index], sum(self.weights[index + 1:])
+        per_weight = (self.fixed_spent + fixed_now) / max(1e-9, self.weight_done + w_now)
+        left = self.seconds - (time.perf_counter() - self.t0) - per_weight * w_future
+        return max(0.0, left) * w_now / max(1e-9, w_now + w_future)
+
+    def done(self, index: int, fixed: float) -> None:
+        self.fixed_spent += fixed
+        self.weight_done += self.weights[index]
+
+
+def case_weight(model: str, kind: str, device: str, keys) -> float:
+    spec = models.spec(model)
+    n = sum(models.numel(s) for _, s in spec)
+    per_element = {"fp32": 12, "bf16": 10, "fp32x2": 20}[kind]
+    # bytes moved, plus a constant for each method's fixed costs (building, checking)
+    return len(M.methods_for(kind, device, keys)) * (n * per_element / 1e9 + 0.3 + len(spec) * 1e-4)
+
+
+def run_case(model: str, kind: str, device: str, args, keys, pbar,
+             budget: Optional[Budget] = None, index: int = 0) -> dict:
     t_case = time.perf_counter()
-    case = M.build_case(model, kind, device, decays=(args.decay, args.decay2), seed=args.seed)
+    t_timing = 0.0
+    with harness_threads():
+        case = M.build_case(model, kind, device, decays=(args.decay, args.decay2),
+                            seed=args.seed)
     ms = M.methods_for(kind, device, keys)
     info = {
         "model": model, "model_label": models.label(model), "kind": kind,
@@ -297,26 +445,45 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar) -> dict:
     info["mode"] = "sequential" if sequential else "interleaved"
     rows: Dict[str, dict] = {}
     runners: Dict[str, M.Runner] = {}
+    call_s: Dict[str, float] = {}  # one call's time, from the check
+    n_rounds, per_round = max(1, args.rounds), args.min_run_time / max(1, args.rounds)
 
-    def time_methods(keys_to_time: List[str]) -> None:
+    def time_methods(keys_to_time: List[str], n_rounds: int, per_round: float) -> None:
+        """Round 1: ``blocked_autorange`` per method (warm-up, block size, samples). Later
+        rounds: more blocks of the same size from the same clock, without a second warm-up,
+        each round visiting the methods in a rotated order."""
         timers = {k: benchmark.Timer("step()", globals={"step": runners[k].step},
                                      num_threads=args.threads, label=model, sub_label=kind,
                                      description=k)
                   for k in keys_to_time}
+        clock = _clock(device)
+        blocks = {k: timeit.Timer("step()", timer=clock, globals={"step": runners[k].step})
+                  for k in keys_to_time}
+        number: Dict[str, int] = {}
         samples: Dict[str, List[float]] = {k: [] for k in keys_to_time}
-        per_round = args.min_run_time / max(1, args.rounds)
-        for rnd in range(max(1, args.rounds)):
+        for rnd in range(n_rounds):
             shift = rnd % len(keys_to_time)
             for k in keys_to_time[shift:] + keys_to_time[:shift]:
                 if pbar is not None:
                     pbar.set_postfix_str(f"{model}/{kind}/{device}: {k}", refresh=False)
                 try:
-                    samples[k] += timers[k].blocked_autorange(min_run_time=per_round).times
+                    if rows[k]["status"] != "ok":
+                        pass
+                    elif rnd == 0:
+                        m = timers[k].blocked_autorange(min_run_time=per_round)
+                        samples[k] += m.times
+                        number[k] = m.number_per_run
+                    else:
+                        block = statistics.median(samples[k]) * number[k]
+                        for _ in range(max(1, int(per_round / block))):
+                            samples[k].append(blocks[k].timeit(number[k]) / number[k])
                 except Exception as exc:
                     rows[k].update(status="error", note=f"{type(exc).__name__}: {exc}")
                 if pbar is not None:
                     pbar.update(1)
         for k in keys_to_time:
+            if rows[k]["status"] != "ok":
+                continue
             rows[k].update(summarize(samples[k]))
             if device == "cuda" and rows[k]["status"] == "ok":
                 rows[k].update(cuda_extras(runners[k].step, M.METHOD_BY_KEY[k].graph_safe))
@@ -331,13 +498,21 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar) -> dict:
             runner = m.build(case)
             row["note"] = runner.note
             if m.reference:
+                t = time.perf_counter()
                 runner.step()
-            else:  # two updates from a known start, against the float64 reference
-                case.reset(runner.emas)
+                sync(device)
+                call_s[m.key] = time.perf_counter() - t
+            else:  # two updates from a known start, against the closed form
+                with harness_threads():
+                    case.reset(runner.emas)
+                sync(device)
+                t = time.perf_counter()
                 for _ in range(M.CHECK_STEPS):
                     runner.step()
                 sync(device)
-                err = M.max_error(case, runner.emas)
+                call_s[m.key] = (time.perf_counter() - t) / M.CHECK_STEPS
+                with harness_threads():
+                    err = M.max_error(case, runner.emas)
                 row["max_abs_err"] = err
                 row["check"] = "ok" if err <= CHECK_TOL else "FAIL"
             sync(device)
@@ -353,11 +528,25 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar) -> dict:
             continue
         runners[m.key] = runner
         if sequential:
-            time_methods([m.key])
+            t = time.perf_counter()
+            time_methods([m.key], n_rounds, per_round)
+            t_timing += time.perf_counter() - t
             del runners[m.key], runner
             gc.collect()
     if not sequential and runners:
-        time_methods(list(runners))
+        cap = budget.cap(index, time.perf_counter() - t_case) if budget else None
+        n_rounds, per_round = choose_rounds([call_s[k] for k in runners], n_rounds, per_round, cap)
+        t = time.perf_counter()
+        time_methods(list(runners), n_rounds, per_round)
+        t_timing += time.perf_counter() - t
+        if pbar is not None:  # rounds the budget took away
+            pbar.update((max(1, args.rounds) - n_rounds) * len(runners))
+    if args.profile:
+        info["profiles"] = {k: profile_table(r.step, device) for k, r in runners.items()
+                            if k in PROFILED}
+    info["rounds"], info["per_round_s"] = n_rounds, per_round
+    info["budget_reduced"] = (n_rounds, per_round) != (max(1, args.rounds),
+                                                       args.min_run_time / max(1, args.rounds))
 
     ref_keys = ["bw_copy"] if device == "cuda" else ["bw_add", "bw_add_mixed"]
     ref_gbps = max((M.gbps(rows[k]["bytes_per_update"], rows[k]["median_s"]) for k in ref_keys
@@ -373,9 +562,12 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar) -> dict:
             row["speedup_vs_naive"] = base_naive / med if base_naive else None
             row["speedup_vs_foreach_lerp"] = base_foreach / med if base_foreach else None
         info["rows"].append(row)
-    info["seconds"] = time.perf_counter() - t_case
     del runners, case
     gc.collect()
+    info["seconds"] = time.perf_counter() - t_case
+    info["timing_seconds"] = t_timing
+    if budget:
+        budget.done(index, info["seconds"] - t_timing)
     return info
 
 
@@ -489,8 +681,12 @@ def _pct(v):
 
 
 def case_title(c: dict) -> str:
+    rounds = f"{c.get('rounds', '?')} rounds x {c.get('per_round_s', 0):.2g} s"
+    if c.get("budget_reduced"):
+        rounds += " (cut to fit --time-budget)"
     return (f"{c['model_label']} ({c['tensors']} tensors, {c['numel'] / 1e6:.1f}M elements) · "
-            f"{c['kind_label']} · {c['device']} · {c['bytes_per_update'] / 1e9:.3f} GB per update")
+            f"{c['kind_label']} · {c['device']} · {c['bytes_per_update'] / 1e9:.3f} GB per update · "
+            f"{rounds}")
 
 
 def case_rows(c: dict, markdown: bool) -> List[List[str]]:
@@ -544,10 +740,10 @@ def format_table(rows: List[List[str]], left: int = 1) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(rows: List[List[str]]) -> str:
+def markdown_table(rows: List[List[str]], left: int = 1) -> str:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     lines = ["| " + " | ".join(esc[0]) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(esc[0]) - 1)) + "|"]
+             "|" + "|".join(["---"] * left + ["---:"] * (len(esc[0]) - left)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
     return "\n".join(lines)
 
@@ -587,11 +783,15 @@ def render_markdown(result: dict, png_rel: Optional[str]) -> str:
         "interleaved rounds per case; GB/s counts the bytes the update must move (fp32 EMA: 12 B "
         "per element; bf16 param + fp32 EMA: 10 B; two fp32 EMAs: 20 B); \"% of BW ref\" is the "
         "share of the fastest bandwidth reference's GB/s in the same case; \"EMA check\" is the "
-        "largest difference from a float64 reference after two updates.",
+        "largest difference after two updates from the closed form p + d^2 (e0 - p).",
         "",
+    ]
+    if load_warning(meta):
+        lines += [f"> **Warning:** {load_warning(meta)}.", ""]
+    lines += [
         "**Targets** (ratios of medians from this run):",
         "",
-        markdown_table(target_rows(result["targets"])),
+        markdown_table(target_rows(result["targets"]), left=2),
         "",
     ]
     for c in result["cases"]:
@@ -704,9 +904,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         except ImportError:
             pbar = None
     t0 = time.perf_counter()
+    counters = _cpu_counters()
     cases = []
-    for model, kind, device in work:
-        c = run_case(model, kind, device, args, keys, pbar)
+    budget = Budget(args.time_budget, [case_weight(m, k, d, keys) for m, k, d in work])
+    for index, (model, kind, device) in enumerate(work):
+        c = run_case(model, kind, device, args, keys, pbar, budget, index)
         cases.append(c)
         text = "\n".join(["", case_title(c), format_table(case_rows(c, markdown=False))]
                          + footnotes(c) + [""])
@@ -717,18 +919,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if pbar is not None:
         pbar.close()
     elapsed = time.perf_counter() - t0
+    meta["load_average_at_end"] = _loadavg()
+    meta["other_processes_cpus"] = other_load(counters, _cpu_counters())
     targets = compute_targets(cases)
     result = {"meta": meta, "command": command, "args": vars(args), "elapsed_s": elapsed,
               "cases": cases, "targets": targets}
 
     print(f"\nTargets (ratios of medians measured side by side in this run; {elapsed:.0f} s):")
     print(format_table(target_rows(targets), left=2))
+    if load_warning(meta):
+        print("WARNING: " + load_warning(meta))
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "bench_" + "_".join(devs)
     paths = {"json": out_dir / f"{tag}.json", "csv": out_dir / f"{tag}.csv",
              "md": out_dir / f"{tag}.md"}
+    if args.profile:
+        paths["profile"] = out_dir / f"{tag}_profile.txt"
+        with open(paths["profile"], "w") as f:
+            for c in cases:
+                for k, table in c.pop("profiles", {}).items():
+                    f.write(f"== {c['model']} / {c['kind']} / {c['device']} / {k}\n{table}\n\n")
     with open(paths["json"], "w") as f:
         json.dump(result, f, indent=1, default=str)
     write_csv(paths["csv"], result)

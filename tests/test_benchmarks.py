@@ -45,10 +45,10 @@ def test_model_shapes_match_the_real_architectures(name, tensors, params):
 
 def _float64_loop(case, steps):
     out = []
-    for d, start in zip(case.decays, case.start):
+    for k, d in enumerate(case.decays):
         row = []
-        for p, e0 in zip(case.params, start):
-            e, p64 = e0.double(), p.detach().double()
+        for i, p in enumerate(case.params):
+            e, p64 = case.start(k, i).double(), p.detach().double()
             for _ in range(steps):
                 e = e + (1.0 - d) * (p64 - e)
             row.append(e)
@@ -156,3 +156,15 @@ def test_update_readme_rewrites_only_its_block(tmp_path):
     other.write_text("no markers\n")
     assert not bench.update_readme(other, "x", "t")
     assert other.read_text() == "no markers\n"
+
+
+def test_the_time_budget_shortens_then_drops_rounds():
+    calls = [0.01] * 10 + [0.5] * 4  # ten fast methods, four slow ones
+    assert bench.choose_rounds(calls, 3, 0.2, None) == (3, 0.2)
+    assert bench.choose_rounds(calls, 3, 0.2, 1000.0) == (3, 0.2)
+    r, b = bench.choose_rounds(calls, 3, 0.2, 9.0)
+    assert r == 3 and 0.02 <= b < 0.2
+    r, b = bench.choose_rounds(calls, 3, 0.2, 1.0)
+    assert (r, b) == (2, 0.02)  # never fewer than two interleaved rounds
+    budget = bench.Budget(100.0, [1.0, 3.0])
+    assert 20 < budget.cap(0, fixed_now=1.0) <= 25  # a quarter of what is left
