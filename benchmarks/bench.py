@@ -375,7 +375,7 @@ def estimate_bytes(case: M.Case, ms: List[M.Method]) -> int:
     param = case.numel * case.param_dtype.itemsize
     owning = sum(1 for m in ms if m.group == "library" or m.key in ("fused_ema", "foreach_lerp_buf"))
     refs = sum(1 for m in ms if m.reference)
-    return param + 2 * ema + owning * ema + refs * 2 * case.numel * 4
+    return param + 2 * ema + owning * ema + refs * 2 * M.ref_numel(case) * 4
 
 
 def choose_rounds(call_s: List[float], rounds: int, per_round: float,
@@ -830,7 +830,7 @@ def write_png(path: Path, result: dict) -> None:
     cases = result["cases"]
     ncol = min(3, len(cases))
     nrow = math.ceil(len(cases) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.8 * ncol, 4.2 * nrow), squeeze=False)
     for ax, c in zip(axes.flat, cases):
         rows = [r for r in c["rows"] if "median_s" in r]
         names = [r["label"] for r in rows][::-1]
@@ -839,8 +839,8 @@ def write_png(path: Path, result: dict) -> None:
         ax.barh(range(len(vals)), vals, color=colors)
         ax.set_yticks(range(len(vals)))
         ax.set_yticklabels(names, fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per update (log)", fontsize=8)
+        ax.set_xlim(0, max(vals, default=1) * 1.18)
+        ax.set_xlabel("ms per update (median; shorter is better)", fontsize=8)
         ax.set_title(f"{c['model_label']} · {c['kind']} · {c['device']}", fontsize=9)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=6)

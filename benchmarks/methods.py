@@ -208,35 +208,49 @@ class Method:
 
     def bytes_per_update(self, case: Case) -> int:
         if self.reference:
-            return case.numel * self.ref_bytes_per_element
+            return ref_numel(case) * self.ref_bytes_per_element
         return case.bytes_per_update
 
 
 # --------------------------------------------------------------------------------------
 # Bandwidth references: the same element count and bytes, one flat in-place pass.
 
+REF_CAP = 1 << 28  # 268M elements (1 GiB in fp32): far beyond any cache, and --large fits
+
+
+def ref_numel(case: Case) -> int:
+    """Elements of a reference's flat buffers: the case's, up to ``REF_CAP`` (GB/s does
+    not depend on the size once it is far beyond the caches)."""
+    return min(case.numel, REF_CAP)
+
+
+def _capped(case: Case, n: int) -> str:
+    return "" if n >= case.numel else f"{n / 1e6:.0f}M elements: compare GB/s"
+
+
 def _flat_add(ema_dtype, param_dtype):
     def build(case: Case) -> Runner:
         # Values do not change the speed of an add (no denormals): constant fills are
         # quicker to make than random ones.
-        a = torch.full((case.numel,), 0.5, dtype=ema_dtype, device=case.device)
-        b = torch.full((case.numel,), 1e-3, dtype=param_dtype, device=case.device)
+        n = ref_numel(case)
+        a = torch.full((n,), 0.5, dtype=ema_dtype, device=case.device)
+        b = torch.full((n,), 1e-3, dtype=param_dtype, device=case.device)
 
         def step():
             a.add_(b)
-        return Runner(step, [], keep=(a, b))
+        return Runner(step, [], keep=(a, b), note=_capped(case, n))
     return build
 
 
 def _flat_copy(case: Case) -> Runner:
-    # Moves numel * 12 bytes (read + write), like an fp32 EMA update.
-    n = case.numel * 3 // 2
+    # Moves 12 bytes per element (read + write), like an fp32 EMA update.
+    n = ref_numel(case) * 3 // 2
     a = torch.empty(n, device=case.device)
     b = torch.full((n,), 0.5, device=case.device)
 
     def step():
         a.copy_(b)
-    return Runner(step, [], keep=(a, b))
+    return Runner(step, [], keep=(a, b), note=_capped(case, ref_numel(case)))
 
 
 # --------------------------------------------------------------------------------------
@@ -504,7 +518,7 @@ METHODS: List[Method] = [
            foreach_mul_add, "baseline"),
     Method("foreach_lerp", "_foreach_lerp_ by dtype (timm)", ("fp32", "bf16"), foreach_lerp,
            "baseline"),
-    Method("foreach_lerp_buf", "_foreach_copy_ to fp32 buf + _foreach_lerp_", ("bf16",),
+    Method("foreach_lerp_buf", "_foreach_copy_ to buf + _foreach_lerp_", ("bf16",),
            foreach_lerp_buffer, "baseline"),
     Method("foreach_lerp_x2", "2 x _foreach_lerp_", ("fp32x2",), foreach_lerp_x2, "baseline"),
     Method("averaged_model", "swa_utils.AveragedModel (EMA fn)", ("fp32", "bf16"),
