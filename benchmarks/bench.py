@@ -349,8 +349,8 @@ def cuda_extras(step, graph_safe: bool) -> dict:
 
 
 # --profile: the methods the targets compare.
-PROFILED = ("bw_add", "bw_copy", "foreach_lerp", "naive_mul_add", "plan", "fused_ema", "plan_x2",
-            "plan_multi")
+PROFILED = ("bw_add", "bw_add_tensors", "bw_copy", "foreach_lerp", "naive_mul_add", "plan",
+            "fused_ema", "plan_x2", "plan_multi")
 
 
 def profile_table(step, device: str, steps: int = 3) -> str:
@@ -373,7 +373,8 @@ def estimate_bytes(case: M.Case, ms: List[M.Method]) -> int:
     """Memory of a case with all its methods alive at once (rough)."""
     ema = case.numel * case.ema_dtype.itemsize * case.num_decays
     param = case.numel * case.param_dtype.itemsize
-    owning = sum(1 for m in ms if m.group == "library" or m.key in ("fused_ema", "foreach_lerp_buf"))
+    owning = sum(1 for m in ms
+                 if m.group == "library" or m.key in ("fused_ema", "foreach_lerp_buf"))
     refs = sum(1 for m in ms if m.reference)
     return param + 2 * ema + owning * ema + refs * 2 * M.ref_numel(case) * 4
 
@@ -423,7 +424,8 @@ def case_weight(model: str, kind: str, device: str, keys) -> float:
     n = sum(models.numel(s) for _, s in spec)
     per_element = {"fp32": 12, "bf16": 10, "fp32x2": 20}[kind]
     # bytes moved, plus a constant for each method's fixed costs (building, checking)
-    return len(M.methods_for(kind, device, keys)) * (n * per_element / 1e9 + 0.3 + len(spec) * 1e-4)
+    per_method = n * per_element / 1e9 + 0.3 + len(spec) * 1e-4
+    return len(M.methods_for(kind, device, keys)) * per_method
 
 
 def run_case(model: str, kind: str, device: str, args, keys, pbar,
@@ -601,6 +603,8 @@ INFO = [
      "_foreach_lerp_", "foreach_lerp", "fused_ema", "time"),
     ("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update time / bandwidth ref time",
      "fused_ema", "bw_add", "time"),
+    ("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ time / a.add_(b) on the "
+     "EMA's own tensors", "plan", "bw_add_tensors", "time"),
     ("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: FusedEMA(decays=2) speedup vs "
      "2 x EMAPlan.update_", "plan_x2", "fused_ema", "time"),
     ("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update GB/s / D2D copy GB/s",
@@ -685,8 +689,8 @@ def case_title(c: dict) -> str:
     if c.get("budget_reduced"):
         rounds += " (cut to fit --time-budget)"
     return (f"{c['model_label']} ({c['tensors']} tensors, {c['numel'] / 1e6:.1f}M elements) · "
-            f"{c['kind_label']} · {c['device']} · {c['bytes_per_update'] / 1e9:.3f} GB per update · "
-            f"{rounds}")
+            f"{c['kind_label']} · {c['device']} · "
+            f"{c['bytes_per_update'] / 1e9:.3f} GB per update · {rounds}")
 
 
 def case_rows(c: dict, markdown: bool) -> List[List[str]]:
@@ -711,7 +715,8 @@ def case_rows(c: dict, markdown: bool) -> List[List[str]]:
                  "-" if ref else _x(r.get("speedup_vs_foreach_lerp")), check]
         if cuda:
             launches = r.get("launches")
-            graph = _ms(r["graph_s"]) if "graph_s" in r else ("fails" if "graph_error" in r else "-")
+            graph = (_ms(r["graph_s"]) if "graph_s" in r
+                     else "fails" if "graph_error" in r else "-")
             cells[5:5] = [_ms(r.get("host_s")), _ms(r.get("device_s")),
                           "-" if launches is None else f"{launches:g}", graph]
         out.append(cells)

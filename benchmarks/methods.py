@@ -146,8 +146,9 @@ def _filler(device, seed: int):
     return fill
 
 
-def build_case(model: str, kind: str, device: str = "cpu", decays: Sequence[float] = (0.999, 0.9999),
-               seed: int = 0, with_reference: bool = True) -> Case:
+def build_case(model: str, kind: str, device: str = "cpu",
+               decays: Sequence[float] = (0.999, 0.9999), seed: int = 0,
+               with_reference: bool = True) -> Case:
     """Params and EMA starting values drawn from N(0, 1) in the model's shapes; the shared
     EMA lists in fp32 (the EMA dtype of every case)."""
     if kind not in KINDS:
@@ -240,6 +241,18 @@ def _flat_add(ema_dtype, param_dtype):
             a.add_(b)
         return Runner(step, [], keep=(a, b), note=_capped(case, n))
     return build
+
+
+def _tensor_add(case: Case) -> Runner:
+    """``ema.add_(param)`` over the EMA's own tensors (one add_ per tensor): the same memory
+    and per-tensor layout as the update, with ATen's add kernel. Not the reference of the
+    targets (that is the flat one); it tells a kernel's cost from the layout's."""
+    emas, params = case.emas[0], case.params
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_add_(emas, params)
+    return Runner(step, [])
 
 
 def _flat_copy(case: Case) -> Runner:
@@ -510,6 +523,8 @@ METHODS: List[Method] = [
     Method("bw_add_mixed", "bandwidth ref: flat fp32 a.add_(bf16 b)", ("bf16",),
            lambda c: _flat_add(torch.float32, torch.bfloat16)(c), "reference", reference=True,
            ref_bytes_per_element=10),
+    Method("bw_add_tensors", "bandwidth ref: a.add_(b) on the EMA's tensors", ("fp32",),
+           _tensor_add, "reference", reference=True, ref_bytes_per_element=12),
     Method("bw_copy", "bandwidth ref: flat D2D copy_", (),  # added on CUDA only
            _flat_copy, "reference", reference=True, ref_bytes_per_element=12),
     Method("naive_mul_add", "naive loop: mul_ + add_", ("fp32", "bf16"), naive_mul_add, "baseline"),

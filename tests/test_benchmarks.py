@@ -72,7 +72,7 @@ def test_every_method_matches_a_float64_loop(kind):
                 continue
             assert (kind, m.key) in EXPECTED_UNSUPPORTED, f"{m.key} unsupported: {exc}"
             continue
-        assert (kind, m.key) not in EXPECTED_UNSUPPORTED, f"{m.key} now runs {kind}: update the table"
+        assert (kind, m.key) not in EXPECTED_UNSUPPORTED, f"{m.key} now runs {kind}: update this"
         case.reset(runner.emas)
         for _ in range(steps):
             runner.step()
