@@ -381,19 +381,26 @@ def estimate_bytes(case: M.Case, ms: List[M.Method]) -> int:
 
 def choose_rounds(call_s: List[float], rounds: int, per_round: float,
                   cap: Optional[float]) -> tuple:
-    """Rounds and seconds per round so that timing a case's methods (a warm-up call, then
-    ``rounds`` blocks of at least ``per_round`` or one call each) fits in ``cap`` seconds:
-    first shorter rounds (down to 20 ms), then fewer rounds (down to 2)."""
-    def cost(r, b):
-        return sum(t + r * max(b, t) for t in call_s)
-    r, b = max(1, rounds), per_round
+    """``(rounds, slow_rounds, per_round)`` so that timing a case's methods fits in ``cap``
+    seconds. A method costs a warm-up call, then per round a block of ``per_round`` seconds
+    or, when one call takes longer (a slow method), one call. Cuts, in order: rounds of
+    slow methods (down to 2), the length of a round (down to 50 ms), rounds of fast methods
+    (down to 2), rounds of slow methods (down to 1)."""
+    def cost(rf, rs, b):
+        return sum(t + (rf * b if t <= b else rs * t) for t in call_s)
+    rf = rs = max(1, rounds)
+    b = per_round
     if cap is None:
-        return r, b
-    while cost(r, b) > cap and b > 0.02:
-        b = max(0.02, b * 0.7)
-    while cost(r, b) > cap and r > 2:
-        r -= 1
-    return r, b
+        return rf, rs, b
+    while cost(rf, rs, b) > cap and rs > 2:
+        rs -= 1
+    while cost(rf, rs, b) > cap and b > 0.05:
+        b = max(0.05, b * 0.7)
+    while cost(rf, rs, b) > cap and rf > 2:
+        rf -= 1
+    while cost(rf, rs, b) > cap and rs > 1:
+        rs -= 1
+    return rf, rs, b
 
 
 class Budget:
@@ -448,9 +455,10 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
     rows: Dict[str, dict] = {}
     runners: Dict[str, M.Runner] = {}
     call_s: Dict[str, float] = {}  # one call's time, from the check
-    n_rounds, per_round = max(1, args.rounds), args.min_run_time / max(1, args.rounds)
+    n_rounds = slow_rounds = max(1, args.rounds)
+    per_round = args.min_run_time / n_rounds
 
-    def time_methods(keys_to_time: List[str], n_rounds: int, per_round: float) -> None:
+    def time_methods(keys_to_time: List[str], rounds_of: Dict[str, int], per_round: float) -> None:
         """Round 1: ``blocked_autorange`` per method (warm-up, block size, samples). Later
         rounds: more blocks of the same size from the same clock, without a second warm-up,
         each round visiting the methods in a rotated order."""
@@ -463,9 +471,11 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
                   for k in keys_to_time}
         number: Dict[str, int] = {}
         samples: Dict[str, List[float]] = {k: [] for k in keys_to_time}
-        for rnd in range(n_rounds):
+        for rnd in range(max(rounds_of.values())):
             shift = rnd % len(keys_to_time)
             for k in keys_to_time[shift:] + keys_to_time[:shift]:
+                if rnd >= rounds_of[k]:
+                    continue
                 if pbar is not None:
                     pbar.set_postfix_str(f"{model}/{kind}/{device}: {k}", refresh=False)
                 try:
@@ -531,24 +541,26 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
         runners[m.key] = runner
         if sequential:
             t = time.perf_counter()
-            time_methods([m.key], n_rounds, per_round)
+            time_methods([m.key], {m.key: n_rounds}, per_round)
             t_timing += time.perf_counter() - t
             del runners[m.key], runner
             gc.collect()
     if not sequential and runners:
         cap = budget.cap(index, time.perf_counter() - t_case) if budget else None
-        n_rounds, per_round = choose_rounds([call_s[k] for k in runners], n_rounds, per_round, cap)
+        n_rounds, slow_rounds, per_round = choose_rounds([call_s[k] for k in runners], n_rounds,
+                                                         per_round, cap)
+        rounds_of = {k: n_rounds if call_s[k] <= per_round else slow_rounds for k in runners}
         t = time.perf_counter()
-        time_methods(list(runners), n_rounds, per_round)
+        time_methods(list(runners), rounds_of, per_round)
         t_timing += time.perf_counter() - t
         if pbar is not None:  # rounds the budget took away
-            pbar.update((max(1, args.rounds) - n_rounds) * len(runners))
+            pbar.update(sum(max(1, args.rounds) - r for r in rounds_of.values()))
     if args.profile:
         info["profiles"] = {k: profile_table(r.step, device) for k, r in runners.items()
                             if k in PROFILED}
-    info["rounds"], info["per_round_s"] = n_rounds, per_round
-    info["budget_reduced"] = (n_rounds, per_round) != (max(1, args.rounds),
-                                                       args.min_run_time / max(1, args.rounds))
+    info["rounds"], info["slow_rounds"], info["per_round_s"] = n_rounds, slow_rounds, per_round
+    info["budget_reduced"] = (n_rounds, slow_rounds, per_round) != (
+        max(1, args.rounds), max(1, args.rounds), args.min_run_time / max(1, args.rounds))
 
     ref_keys = ["bw_copy"] if device == "cuda" else ["bw_add", "bw_add_mixed"]
     ref_gbps = max((M.gbps(rows[k]["bytes_per_update"], rows[k]["median_s"]) for k in ref_keys
@@ -686,6 +698,8 @@ def _pct(v):
 
 def case_title(c: dict) -> str:
     rounds = f"{c.get('rounds', '?')} rounds x {c.get('per_round_s', 0):.2g} s"
+    if c.get("slow_rounds", c.get("rounds")) != c.get("rounds"):
+        rounds += f", {c['slow_rounds']} for methods slower than that"
     if c.get("budget_reduced"):
         rounds += " (cut to fit --time-budget)"
     return (f"{c['model_label']} ({c['tensors']} tensors, {c['numel'] / 1e6:.1f}M elements) · "

@@ -158,13 +158,14 @@ def test_update_readme_rewrites_only_its_block(tmp_path):
     assert other.read_text() == "no markers\n"
 
 
-def test_the_time_budget_shortens_then_drops_rounds():
+def test_the_time_budget_cuts_slow_rounds_first():
     calls = [0.01] * 10 + [0.5] * 4  # ten fast methods, four slow ones
-    assert bench.choose_rounds(calls, 3, 0.2, None) == (3, 0.2)
-    assert bench.choose_rounds(calls, 3, 0.2, 1000.0) == (3, 0.2)
-    r, b = bench.choose_rounds(calls, 3, 0.2, 9.0)
-    assert r == 3 and 0.02 <= b < 0.2
-    r, b = bench.choose_rounds(calls, 3, 0.2, 1.0)
-    assert (r, b) == (2, 0.02)  # never fewer than two interleaved rounds
+    assert bench.choose_rounds(calls, 3, 0.2, None) == (3, 3, 0.2)
+    assert bench.choose_rounds(calls, 3, 0.2, 1000.0) == (3, 3, 0.2)
+    # 3 rounds: fast 10 x 0.61 + slow 4 x 2.0 = 14.1 s; 2 slow rounds: 12.1 s
+    assert bench.choose_rounds(calls, 3, 0.2, 12.5) == (3, 2, 0.2)
+    rf, rs, b = bench.choose_rounds(calls, 3, 0.2, 9.0)
+    assert (rf, rs) == (3, 2) and 0.05 <= b < 0.2
+    assert bench.choose_rounds(calls, 3, 0.2, 0.1) == (2, 1, 0.05)  # the floor
     budget = bench.Budget(100.0, [1.0, 3.0])
     assert 20 < budget.cap(0, fixed_now=1.0) <= 25  # a quarter of what is left
