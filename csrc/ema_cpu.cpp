@@ -18,20 +18,9 @@ constexpr int64_t kSerialElements = 32768;
 // block read for the first EMA is still in L1 for the others.
 constexpr int64_t kBlock = 4096;
 
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float: return f(static_cast<float*>(nullptr));
-    case DType::Half: return f(static_cast<c10::Half*>(nullptr));
-    case DType::BFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
-    case DType::Double: return f(static_cast<double*>(nullptr));
-  }
-}
-
 template <typename ema_t, typename param_t>
-C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema,
-                                             const param_t* __restrict param, int64_t n,
-                                             double decay) {
+C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema, const param_t* __restrict param,
+                                      int64_t n, double decay) {
   using opmath_t = typename OpMath<ema_t>::type;
   const opmath_t w = lerp_weight<opmath_t>(decay);
   for (int64_t j = 0; j < n; ++j) {

@@ -33,16 +33,6 @@ struct alignas(16) Pack {
   T v[kVec];
 };
 
-template <typename F>
-__device__ __forceinline__ void with_ema_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float: return f(static_cast<float*>(nullptr));
-    case DType::Half: return f(static_cast<c10::Half*>(nullptr));
-    case DType::BFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
-    case DType::Double: return f(static_cast<double*>(nullptr));
-  }
-}
-
 template <typename ema_t, typename param_t>
 __device__ __forceinline__ void update_one(ema_t* e, param_t p, double decay) {
   using opmath_t = typename OpMath<ema_t>::type;
@@ -137,7 +127,7 @@ __device__ void update_row_many(const param_t* param, char* const* ema, const DT
     const int idx = split.head + v * kVec;
     const Pack<param_t> p = *reinterpret_cast<const Pack<param_t>*>(param + idx);
     for (int k = 0; k < num_decays; ++k) {
-      with_ema_type(ema_dtype[k], [&](auto* tag) {
+      dispatch_dtype(ema_dtype[k], [&](auto* tag) {
         using ema_t = std::remove_pointer_t<decltype(tag)>;
         update_pack(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
       });
@@ -148,7 +138,7 @@ __device__ void update_row_many(const param_t* param, char* const* ema, const DT
     const int idx = scalar_index(split, s);
     const param_t p = param[idx];
     for (int k = 0; k < num_decays; ++k) {
-      with_ema_type(ema_dtype[k], [&](auto* tag) {
+      dispatch_dtype(ema_dtype[k], [&](auto* tag) {
         using ema_t = std::remove_pointer_t<decltype(tag)>;
         update_one(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
       });
@@ -162,7 +152,7 @@ __device__ void update_row(const Row& row, const ParamSlot& ps, const EmaSlot* e
   const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
   if (num_decays == 1) {
     const EmaSlot es = emas[row.tensor];
-    with_ema_type(es.dtype, [&](auto* tag) {
+    dispatch_dtype(es.dtype, [&](auto* tag) {
       using ema_t = std::remove_pointer_t<decltype(tag)>;
       update_row_one(param, static_cast<ema_t*>(es.ptr) + row.start, row.length, decays[0]);
     });
@@ -194,20 +184,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const Row row = rows[r];
     const ParamSlot ps = params[row.tensor];
-    switch (ps.dtype) {
-      case DType::Float:
-        update_row<float>(row, ps, emas, num_tensors, args.num_decays, decays);
-        break;
-      case DType::Half:
-        update_row<c10::Half>(row, ps, emas, num_tensors, args.num_decays, decays);
-        break;
-      case DType::BFloat16:
-        update_row<c10::BFloat16>(row, ps, emas, num_tensors, args.num_decays, decays);
-        break;
-      case DType::Double:
-        update_row<double>(row, ps, emas, num_tensors, args.num_decays, decays);
-        break;
-    }
+    dispatch_dtype(ps.dtype, [&](auto* tag) {
+      using param_t = std::remove_pointer_t<decltype(tag)>;
+      update_row<param_t>(row, ps, emas, num_tensors, args.num_decays, decays);
+    });
   }
 }
 

@@ -10,6 +10,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <memory>
@@ -23,6 +25,21 @@ constexpr int64_t kChunk = 65536;
 
 // Floating dtypes the kernels handle (for EMAs and params alike).
 enum class DType : int32_t { Float = 0, Half = 1, BFloat16 = 2, Double = 3 };
+
+// Calls f with a null pointer of the C++ type of `dtype` (float*, c10::Half*,
+// c10::BFloat16*, double*): the one dtype switch of the CPU loop and the kernel.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float: return f(static_cast<float*>(nullptr));
+    case DType::Half: return f(static_cast<c10::Half*>(nullptr));
+    case DType::BFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
+    case DType::Double: return f(static_cast<double*>(nullptr));
+  }
+}
 
 // Scalar types accepted for a decay tensor or a skip flag, read one value at a
 // time (on the device for CUDA, so no host sync is needed).
