@@ -175,23 +175,13 @@ class Cosine(Schedule):
                 "total_steps": self.total_steps}
 
 
-class HalfLife(Schedule):
+class HalfLife(Constant):
     """The decay whose EMA forgets half of a value in ``half_life`` steps:
     ``0.5 ** (1 / half_life)`` (``HalfLife(693)`` is about 0.999)."""
 
     def __init__(self, half_life: float):
         self.half_life = _check_positive("half_life", half_life)
-        self.decay = 0.5 ** (1.0 / self.half_life)
-
-    def __call__(self, step: int) -> float:
-        return self.decay
-
-    def tensor(self, step: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(step, self.decay, dtype=torch.float64)
-
-    @property
-    def max_decay(self) -> float:
-        return self.decay
+        super().__init__(0.5 ** (1.0 / self.half_life))
 
     def settings(self) -> Dict[str, Any]:
         return {"type": "HalfLife", "half_life": self.half_life}
