@@ -1,0 +1,412 @@
+"""DQN on CartPole-v1: what the target network buys.
+
+A DQN regresses Q(s, a) onto r + gamma * max_a' Q_target(s', a'). Without a
+target network the bootstrap target comes from the network being trained: every
+gradient step moves the target it is chasing. The two usual cures keep a slowly
+moving copy of the network, here kept by fused_ema and updated by the optimizer
+hook (``ema.attach(optimizer)``):
+
+  no target    Q_target = Q itself (the target is computed under no_grad)
+  hard copy    FusedEMA(q, tau=1.0, update_every=C): copied every C steps (DQN, CleanRL)
+  soft update  FusedEMA(q, tau=0.005): target <- 0.995 target + 0.005 Q every step
+
+Everything else is shared: replay buffer, epsilon-greedy, Huber loss, Adam. Every
+variant runs with the same seeds; each run is deterministic given its seed.
+
+    pip install -e .[examples]
+    python examples/dqn_cartpole.py             # full run (about 10 minutes on 2 cores)
+    python examples/dqn_cartpole.py --quick     # smoke test (under a minute)
+
+Writes dqn_cartpole.png and dqn_cartpole.md under --out (default examples/results).
+"""
+import os
+
+# One BLAS/OpenMP thread per process, set before numpy/torch load them: these models are
+# small, and the 2 cores are better used by running two processes side by side.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import dataclasses
+import resource
+import multiprocessing as mp
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fused_ema import FusedEMA
+
+SOLVED = 475.0      # CartPole-v1's "solved" threshold (the maximum return is 500)
+COLLAPSED = 200.0   # a run that had reached SOLVED and later scores below this has collapsed
+SEEDS_PER_JOB = 5   # seeds trained side by side in one process
+
+
+@dataclasses.dataclass
+class Config:
+    steps: int = 40_000          # environment steps per run (one gradient step per env step)
+    learning_starts: int = 1_000
+    buffer_size: int = 50_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    gamma: float = 0.99
+    hidden: int = 64
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    eps_fraction: float = 0.2    # epsilon decays linearly over this fraction of the run
+    eval_every: int = 1_000      # greedy evaluation every this many env steps ...
+    eval_episodes: int = 5       # ... over this many episodes
+    hard_every: int = 500        # C for the hard copy
+    tau: float = 0.005           # tau for the soft update
+
+
+def variants(cfg: Config) -> Dict[str, Optional[dict]]:
+    """Name -> FusedEMA keyword arguments (None: no target network)."""
+    return {
+        "no target network": None,
+        f"hard copy every {cfg.hard_every} steps": dict(tau=1.0, update_every=cfg.hard_every),
+        f"soft update tau={cfg.tau:g}": dict(tau=cfg.tau),
+    }
+
+
+class EnsembleLinear(nn.Module):
+    """``n`` independent Linear layers applied side by side: x [n, batch, in] -> [n, batch, out].
+
+    Member k is initialised like ``nn.Linear`` from its own generator, so it does not
+    depend on which other seeds run beside it."""
+
+    def __init__(self, n: int, fan_in: int, fan_out: int, generators: List[torch.Generator]):
+        super().__init__()
+        bound = fan_in ** -0.5
+        self.weight = nn.Parameter(torch.stack([
+            torch.empty(fan_in, fan_out).uniform_(-bound, bound, generator=g) for g in generators]))
+        self.bias = nn.Parameter(torch.stack([
+            torch.empty(1, fan_out).uniform_(-bound, bound, generator=g) for g in generators]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def q_network(seeds: List[int], obs_dim: int, n_actions: int, hidden: int) -> nn.Module:
+    """One Q-network per seed, all computed in one batched call."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    n = len(seeds)
+    return nn.Sequential(EnsembleLinear(n, obs_dim, hidden, gens), nn.ReLU(),
+                         EnsembleLinear(n, hidden, hidden, gens), nn.ReLU(),
+                         EnsembleLinear(n, hidden, n_actions, gens))
+
+
+class ReplayBuffer:
+    """One buffer per seed (the leading dimension); each seed samples with its own rng."""
+
+    def __init__(self, n: int, capacity: int, obs_dim: int, rngs: List[np.random.Generator]):
+        self.obs = np.zeros((n, capacity, obs_dim), np.float32)
+        self.next_obs = np.zeros((n, capacity, obs_dim), np.float32)
+        self.action = np.zeros((n, capacity), np.int64)
+        self.reward = np.zeros((n, capacity), np.float32)
+        self.terminated = np.zeros((n, capacity), np.float32)
+        self.capacity, self.size, self.pos, self.rngs = capacity, 0, 0, rngs
+
+    def add(self, obs, action, reward, next_obs, terminated):
+        i = self.pos
+        self.obs[:, i], self.action[:, i], self.reward[:, i] = obs, action, reward
+        self.next_obs[:, i], self.terminated[:, i] = next_obs, terminated
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch: int):
+        idx = np.stack([rng.integers(0, self.size, batch) for rng in self.rngs])
+        rows = np.arange(len(self.rngs))[:, None]
+        return tuple(torch.from_numpy(a[rows, idx]) for a in
+                     (self.obs, self.action, self.reward, self.next_obs, self.terminated))
+
+    def sample_obs(self, batch: int, rng: np.random.Generator) -> torch.Tensor:
+        """States for monitoring, drawn with a separate rng (training's draws are untouched)."""
+        idx = rng.integers(0, self.size, (len(self.rngs), batch))
+        return torch.from_numpy(self.obs[np.arange(len(self.rngs))[:, None], idx])
+
+
+@torch.no_grad()
+def evaluate(q: nn.Module, envs: List[list], seeds: List[List[int]]) -> np.ndarray:
+    """Mean return of greedy episodes per seed: envs[k][e] runs episode e of seed k."""
+    obs = np.stack([np.stack([env.reset(seed=s)[0] for env, s in zip(row, srow)])
+                    for row, srow in zip(envs, seeds)])
+    returns = np.zeros(obs.shape[:2])
+    alive = np.ones(obs.shape[:2], bool)
+    while alive.any():
+        actions = q(torch.from_numpy(obs)).argmax(-1).numpy()
+        for k, e in zip(*np.nonzero(alive)):
+            obs[k, e], r, term, trunc, _ = envs[k][e].step(int(actions[k, e]))
+            returns[k, e] += r
+            alive[k, e] = not (term or trunc)
+    return returns.mean(1)
+
+
+def train(name: str, ema_kwargs: Optional[dict], seeds: List[int], cfg: Config,
+          progress=None) -> List[dict]:
+    """Trains one DQN per seed with the given target update; the seeds run side by side.
+
+    Each seed has its own network, environment, replay buffer and exploration; the
+    loss is the sum of the per-seed losses, so neither gradients nor Adam's
+    (elementwise) state mix between seeds."""
+    import gymnasium as gym
+
+    n = len(seeds)
+    rngs = [np.random.default_rng(s) for s in seeds]
+    envs = [gym.make("CartPole-v1") for _ in seeds]
+    eval_envs = [[gym.make("CartPole-v1") for _ in range(cfg.eval_episodes)] for _ in seeds]
+    eval_seeds = [[10_000 * (s + 1) + e for e in range(cfg.eval_episodes)] for s in seeds]
+    obs_dim, n_actions = envs[0].observation_space.shape[0], envs[0].action_space.n
+
+    q = q_network(seeds, obs_dim, n_actions, cfg.hidden)
+    optimizer = torch.optim.Adam(q.parameters(), lr=cfg.lr, fused=True)
+    if ema_kwargs is None:
+        target = q                                   # bootstrap from the online network
+    else:
+        ema = FusedEMA(q, **ema_kwargs)              # the target network ...
+        ema.attach(optimizer)                        # ... updated after every optimizer.step()
+        target = ema.module
+    buffer = ReplayBuffer(n, cfg.buffer_size, obs_dim, rngs)
+
+    eval_steps, eval_returns, q_values = [], [], []
+    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
+    next_obs = np.empty_like(obs)
+    reward, terminated = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    eps_steps = max(1, int(cfg.eps_fraction * cfg.steps))
+    for step in range(1, cfg.steps + 1):
+        eps = cfg.eps_start + (cfg.eps_end - cfg.eps_start) * min(1.0, step / eps_steps)
+        with torch.no_grad():
+            greedy = q(torch.from_numpy(obs).unsqueeze(1)).argmax(-1).squeeze(1).numpy()
+        action = np.array([rng.integers(n_actions) if rng.random() < eps else a
+                           for rng, a in zip(rngs, greedy)])
+        reset = []
+        for k, env in enumerate(envs):
+            next_obs[k], reward[k], term, trunc, _ = env.step(int(action[k]))
+            terminated[k] = term
+            if term or trunc:
+                reset.append(k)
+        # Bootstrap through time-limit truncations; only a real termination ends the return.
+        buffer.add(obs, action, reward, next_obs, terminated)
+        obs[:] = next_obs
+        for k in reset:
+            obs[k] = envs[k].reset()[0]
+
+        if step >= cfg.learning_starts:
+            b_obs, b_act, b_rew, b_next, b_term = buffer.sample(cfg.batch_size)
+            with torch.no_grad():
+                y = b_rew + cfg.gamma * (1.0 - b_term) * target(b_next).max(-1).values
+            q_sa = q(b_obs).gather(-1, b_act.unsqueeze(-1)).squeeze(-1)
+            loss = F.smooth_l1_loss(q_sa, y, reduction="none").mean(1).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()                         # the target update happens here
+
+        if step % cfg.eval_every == 0:
+            eval_steps.append(step)
+            eval_returns.append(evaluate(q, eval_envs, eval_seeds))
+            with torch.no_grad():   # the Q-network's value estimate on replayed states
+                states = buffer.sample_obs(256, np.random.default_rng(step))
+                q_values.append(q(states).max(-1).values.mean(1).numpy())
+        if progress is not None and step % 100 == 0:
+            with progress.get_lock():
+                progress.value += 100 * n
+    curves, qs = np.stack(eval_returns, 1), np.stack(q_values, 1)
+    return [dict(variant=name, seed=s, steps=eval_steps, returns=curves[k].tolist(),
+                 q=qs[k].tolist()) for k, s in enumerate(seeds)]
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarize(run: dict, final_evals: int) -> dict:
+    r = np.asarray(run["returns"])
+    hit = np.nonzero(r >= SOLVED)[0]
+    first = int(hit[0]) if len(hit) else None
+    collapsed = first is not None and bool((r[first + 1:] < COLLAPSED).any())
+    return dict(final=float(r[-final_evals:].mean()),
+                first_solved=None if first is None else run["steps"][first],
+                reached=first is not None, collapsed=collapsed,
+                frac_solved=float((r >= SOLVED).mean()))
+
+
+def command_line(script: str) -> str:
+    """How this run was started, without --out (a local path)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
+    return " ".join(["python", f"examples/{script}"] + args)
+
+
+def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, elapsed: float,
+                  cpu: float, quick: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    names = list(variants(cfg))
+    final_evals = max(1, min(5, len(runs[0]["returns"]) // 4))
+    colors = ["tab:red", "tab:blue", "tab:green"]
+
+    fig, (ax, axq) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw=dict(width_ratios=[3, 2]))
+    for name, color in zip(names, colors):
+        mine = [r for r in runs if r["variant"] == name]
+        steps = np.asarray(mine[0]["steps"])
+        curves = np.stack([r["returns"] for r in mine])
+        for c in curves:
+            ax.plot(steps, c, color=color, alpha=0.15, lw=0.8)
+        ax.plot(steps, curves.mean(0), color=color, lw=2, label=f"{name} (mean of {len(mine)})")
+        ax.fill_between(steps, curves.mean(0) - curves.std(0),
+                        np.minimum(curves.mean(0) + curves.std(0), 500), color=color, alpha=0.12)
+        qs = np.abs(np.stack([r["q"] for r in mine]))
+        axq.plot(steps, np.median(qs, 0), color=color, lw=2, label=name)
+        axq.fill_between(steps, qs.min(0), qs.max(0), color=color, alpha=0.15)
+    ax.axhline(SOLVED, color="k", ls=":", lw=1)
+    ax.axhline(COLLAPSED, color="gray", ls=":", lw=1)
+    ax.set_xlabel("environment steps (= gradient steps)")
+    ax.set_ylabel(f"greedy return (mean of {cfg.eval_episodes} episodes)")
+    ax.set_title(f"DQN on CartPole-v1, {len(seeds)} seeds: mean, ±1 std, thin lines = seeds",
+                 fontsize=10)
+    ax.set_ylim(0, 510)
+    ax.legend(loc="upper left", fontsize=8)
+    q_max = (1 - cfg.gamma ** 500) / (1 - cfg.gamma)
+    axq.axhline(q_max, color="k", ls=":", lw=1, label=f"largest true value ({q_max:.0f})")
+    axq.set_yscale("log")
+    axq.set_xlabel("environment steps")
+    axq.set_ylabel("|mean max_a Q(s, a)| on replayed states")
+    axq.set_title("value estimates: median, band = min..max over seeds", fontsize=10)
+    axq.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "dqn_cartpole.png"), dpi=110)
+    plt.close(fig)
+
+    lines = [
+        "# DQN on CartPole-v1: no target network vs hard copy vs soft update",
+        "",
+        f"Command: `{command_line('dqn_cartpole.py')}`"
+        f" ({elapsed / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU time). "
+        f"{len(seeds)} seeds per variant, "
+        f"{cfg.steps} env steps each, one Adam step per env step after {cfg.learning_starts}; "
+        f"greedy evaluation ({cfg.eval_episodes} episodes) every {cfg.eval_every} steps.",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
+        "",
+        f"- final return: mean greedy return over the last {final_evals} evaluations "
+        f"(last {final_evals * cfg.eval_every} steps), mean ± std over seeds",
+        f"- steps to {SOLVED:.0f}: first evaluation with a mean return >= {SOLVED:.0f}; "
+        "median over the seeds that got there",
+        f"- collapsed: runs that had reached {SOLVED:.0f} and later had an evaluation "
+        f"below {COLLAPSED:.0f}",
+        f"- time at >= {SOLVED:.0f}: fraction of all evaluations at or above {SOLVED:.0f}, "
+        "mean over seeds",
+        "- final Q: the Q-network's mean max_a Q(s, a) on 256 replayed states at the end, "
+        "median over seeds (the true value of a state is at most "
+        f"{(1 - cfg.gamma ** 500) / (1 - cfg.gamma):.1f} with gamma={cfg.gamma})",
+        "",
+        f"| variant | final return | reached {SOLVED:.0f} | steps to {SOLVED:.0f} (median) "
+        f"| collapsed after reaching | time at >= {SOLVED:.0f} | final Q |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    per_seed = ["", "Per seed: final return / steps to 475 / collapsed", "",
+                "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                "|---|" + "---|" * len(seeds)]
+    for name in names:
+        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
+        sums = [summarize(r, final_evals) for r in mine]
+        finals = np.array([s["final"] for s in sums])
+        reached = [s for s in sums if s["reached"]]
+        first = [s["first_solved"] for s in reached]
+        med = f"{int(np.median(first))}" if first else "never"
+        n_coll = sum(s["collapsed"] for s in reached)
+        lines.append(
+            f"| {name} | {finals.mean():.1f} ± {finals.std():.1f} | {len(reached)}/{len(sums)} "
+            f"| {med} | {n_coll}/{len(reached)} "
+            f"| {np.mean([s['frac_solved'] for s in sums]):.0%} "
+            f"| {np.median([r['q'][-1] for r in mine]):.3g} |")
+        cells = [f"{s['final']:.0f} / {s['first_solved'] if s['reached'] else '-'} / "
+                 f"{'yes' if s['collapsed'] else 'no'}" for s in sums]
+        per_seed.append(f"| {name} | " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "dqn_cartpole.md"), "w") as f:
+        f.write("\n".join(lines + per_seed) + "\n")
+
+
+_progress = None
+
+
+def _init_worker(progress):
+    global _progress
+    _progress = progress
+    torch.set_num_threads(1)          # small MLPs are fastest on one thread
+
+
+def _worker(job):
+    name, kwargs, seeds, cfg = job
+    return train(name, kwargs, seeds, cfg, _progress)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds to run for every variant (default 0..9; --quick: 0 1)")
+    p.add_argument("--steps", type=int, default=None, help="env steps per run")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes (one thread each)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "results"))
+    args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    cfg = Config()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, steps=2_000, learning_starts=500, eval_every=500,
+                                  eval_episodes=2)
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.lr:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
+    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else list(range(10)))
+    # Seeds run in groups of SEEDS_PER_JOB inside one process (one batched network).
+    groups = [seeds[i:i + SEEDS_PER_JOB] for i in range(0, len(seeds), SEEDS_PER_JOB)]
+    jobs = [(name, kw, g, cfg) for g in groups for name, kw in variants(cfg).items()]
+
+    start = time.time()
+    ctx = mp.get_context("spawn")
+    progress = ctx.Value("q", 0)
+    bar = tqdm(total=len(seeds) * len(variants(cfg)) * cfg.steps, desc="DQN env steps",
+               unit="step", unit_scale=True, file=sys.stdout, mininterval=1.0)
+    runs = []
+    if args.workers > 1:
+        with ctx.Pool(args.workers, _init_worker, (progress,)) as pool:
+            result = pool.map_async(_worker, jobs)
+            while not result.ready():
+                result.wait(1.0)
+                bar.update(progress.value - bar.n)
+            for group in result.get():
+                runs.extend(group)
+    else:
+        _init_worker(progress)
+        for job in jobs:
+            runs.extend(_worker(job))
+            bar.update(progress.value - bar.n)
+    bar.update(bar.total - bar.n)
+    bar.close()
+    elapsed = time.time() - start
+    cpu = sum(getattr(resource.getrusage(who), f) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+    write_outputs(runs, cfg, seeds, args.out, elapsed, cpu, args.quick)
+    print(open(os.path.join(args.out, "dqn_cartpole.md")).read())
+    print(f"wrote {args.out}/dqn_cartpole.png and dqn_cartpole.md in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
