@@ -29,8 +29,8 @@ C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema, const param_t* __re
   }
 }
 
-// The same loop compiled twice, for the baseline x86-64 ISA (16-byte vectors)
-// and for AVX2 (32-byte vectors), picked at run time as ATen does. Built with
+// The same loop compiled for the baseline x86-64 ISA (16-byte vectors), AVX2
+// (32-byte) and AVX-512 (64-byte), picked at run time as ATen does. Built with
 // -ffp-contract=off: no fused multiply-adds, so every ISA gives the same bits.
 template <typename ema_t, typename param_t>
 void lerp_span_default(ema_t* ema, const param_t* param, int64_t n, double decay) {
@@ -43,6 +43,17 @@ __attribute__((target("avx2"))) void lerp_span_avx2(ema_t* ema, const param_t* p
                                                     double decay) {
   lerp_span_body(ema, param, n, decay);
 }
+template <typename ema_t, typename param_t>
+__attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) void lerp_span_avx512(
+    ema_t* ema, const param_t* param, int64_t n, double decay) {
+  lerp_span_body(ema, param, n, decay);
+}
+bool has_avx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
+                                                     __builtin_cpu_supports("avx512bw") &&
+                                                     __builtin_cpu_supports("avx512vl"));
+  return yes;
+}
 bool has_avx2() {
   static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
   return yes;
@@ -52,6 +63,7 @@ bool has_avx2() {
 template <typename ema_t, typename param_t>
 void lerp_span(ema_t* ema, const param_t* param, int64_t n, double decay) {
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx512()) return lerp_span_avx512(ema, param, n, decay);
   if (has_avx2()) return lerp_span_avx2(ema, param, n, decay);
 #endif
   lerp_span_default(ema, param, n, decay);
@@ -82,9 +94,19 @@ void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
   // make_update_args reads host decay tensors and skip flags into `args`.
   TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);
   const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
-  const int64_t grain = plan.num_elements < kSerialElements ? num_rows : 1;
-  at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) update_row(plan, plan.rows[r], args.decays);
+  const int64_t num_tasks = plan.num_elements < kSerialElements ? 1 : at::get_num_threads();
+  // Task t takes the rows that start in its equal share of the elements: a
+  // balance by elements, not by rows (small tensors make short rows).
+  at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    const auto first_row = [&](int64_t task) {
+      const int64_t element = plan.num_elements * task / num_tasks;
+      return std::lower_bound(plan.row_offsets.begin(), plan.row_offsets.end(), element) -
+             plan.row_offsets.begin();
+    };
+    const int64_t end = std::min<int64_t>(first_row(task_end), num_rows);
+    for (int64_t r = first_row(task_begin); r < end; ++r) {
+      update_row(plan, plan.rows[r], args.decays);
+    }
   });
 }
 

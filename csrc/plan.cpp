@@ -152,11 +152,13 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
       }
     }
     for (int64_t start = 0; start < p.numel(); start += kChunk) {
+      plan->row_offsets.push_back(plan->num_elements + start);
       plan->rows.push_back({start, static_cast<int32_t>(i),
                             static_cast<int32_t>(std::min(kChunk, p.numel() - start))});
     }
     plan->num_elements += p.numel();
   }
+  plan->row_offsets.push_back(plan->num_elements);
   check_no_overlap(std::move(ema_spans), param_spans, num_decays);
   plan->key = plan_key(emas, params);
 

@@ -111,6 +111,7 @@ struct Plan {
   std::vector<ParamSlot> params;
   std::vector<EmaSlot> emas;       // emas[k * num_tensors + i]
   std::vector<Row> rows;
+  std::vector<int64_t> row_offsets;  // elements before each row, then the total (CPU balance)
 
   // CUDA only: the three arrays above in one device buffer (cudaMalloc'd: its
   // cudaFree waits for kernels on every stream that may still read it).
