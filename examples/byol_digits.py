@@ -215,6 +215,10 @@ def train(name: str, variant: dict, seed: int, cfg: Config) -> dict:
 
     log_steps, log_spread, log_loss = [], [], []
     acc_spread, acc_loss = [], []
+    # Logged at a few early steps too (collapse can take only tens of steps), then every
+    # log_every; each point averages the steps since the previous one.
+    log_at = ({s for s in (1, 2, 5, 10, 20) if s < cfg.log_every}
+              | set(range(cfg.log_every, cfg.steps + 1, cfg.log_every)))
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x = data[idx]
@@ -228,7 +232,7 @@ def train(name: str, variant: dict, seed: int, cfg: Config) -> dict:
         optimizer.step()                             # the teacher update happens here
         acc_spread.append(spread(z1))
         acc_loss.append(float(loss.detach()))
-        if step % cfg.log_every == 0:
+        if step in log_at:
             log_steps.append(step)
             log_spread.append(float(np.mean(acc_spread)))
             log_loss.append(float(np.mean(acc_loss)))
@@ -293,7 +297,8 @@ def write_outputs(runs: List[dict], base: Dict[int, dict], cfg: Config, seeds: L
         ax.fill_between(steps, curve.min(0), curve.max(0), color=color, alpha=0.15)
     for ax, title in zip(axes[:2], ("with predictor", "without predictor")):
         ax.set_title(f"collapse indicator, {title}")
-        ax.set_xlabel("optimizer step")
+        ax.set_xscale("log")
+        ax.set_xlabel("optimizer step (log scale)")
         ax.set_ylabel("std of L2-normalised projections × sqrt(dim)")
         ax.set_ylim(0, 1.1)
         ax.legend(fontsize=8)
