@@ -20,7 +20,7 @@ standard deviation of the L2-normalised projector outputs across a batch, times
 sqrt(dim) (about 1 for spread-out embeddings, near 0 for collapse).
 
     pip install -e .[examples]
-    python examples/byol_digits.py             # full run (about 10 minutes on 2 cores)
+    python examples/byol_digits.py             # full run (about 5 minutes on 2 cores)
     python examples/byol_digits.py --quick     # smoke test (under a minute)
 
 Writes byol_digits.png and byol_digits.md under --out (default examples/results).
@@ -34,12 +34,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import dataclasses
-import resource
 import math
 import multiprocessing as mp
+import resource
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -274,7 +274,7 @@ def command_line(script: str) -> str:
 
 
 def write_outputs(runs: List[dict], base: Dict[int, dict], cfg: Config, seeds: List[int],
-                  out: str, elapsed: float, cpu: float, quick: bool) -> None:
+                  out: str, elapsed: float, cpu: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -442,7 +442,7 @@ def main(argv=None):
     elapsed = time.time() - start
     cpu = sum(getattr(resource.getrusage(who), f) for who in
               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
-    write_outputs(runs, base, cfg, seeds, args.out, elapsed, cpu, args.quick)
+    write_outputs(runs, base, cfg, seeds, args.out, elapsed, cpu)
     print(open(os.path.join(args.out, "byol_digits.md")).read())
     print(f"wrote {args.out}/byol_digits.png and byol_digits.md in {elapsed:.0f} s")
 
