@@ -26,7 +26,7 @@ def backend(tensor: Union[torch.Tensor, torch.device, str]) -> str:
     return "python"
 
 
-def _split_decays(decays, num_decays: int) -> Tuple[List[float], Optional[torch.Tensor]]:
+def _split_decays(decays) -> Tuple[List[float], Optional[torch.Tensor]]:
     """Host floats, or one tensor holding all decays (read on its device)."""
     if isinstance(decays, torch.Tensor):
         return [], decays.reshape(-1)
@@ -49,15 +49,13 @@ def _check_lists(emas_per_decay, params) -> None:
                 "each EMA list must be as long as params")
 
 
-def _device_type(params, emas_per_decay) -> str:
-    for t in params:
-        return t.device.type
-    return "cpu"
+def _device_type(params) -> str:
+    return params[0].device.type if params else "cpu"
 
 
 def _run(emas_per_decay, params, floats, decay_tensor, skip, single: bool) -> None:
     """The one place a functional update picks its path."""
-    if backend(_device_type(params, emas_per_decay)) == "python" or not params:
+    if backend(_device_type(params)) == "python" or not params:
         # The fallback also does the no-op of empty lists (after checking decays).
         fallback.multi_ema_update_(emas_per_decay, params, floats, decay_tensor, skip)
         return
@@ -89,10 +87,7 @@ def multi_ema_update_(
     _check_lists(emas_per_decay, params)
     if len(emas_per_decay) == 0:
         raise ValueError("fused_ema: multi_ema_update_ needs at least one EMA list")
-    floats, decay_tensor = _split_decays(decays, len(emas_per_decay))
-    if decay_tensor is None and len(floats) != len(emas_per_decay):
-        raise ValueError(
-            f"fused_ema: got {len(floats)} decays for {len(emas_per_decay)} EMA list(s)")
+    floats, decay_tensor = _split_decays(decays)  # the backends check the count
     _run(emas_per_decay, params, floats, decay_tensor, skip, single=False)
 
 
@@ -112,7 +107,7 @@ def ema_update_(
     """
     emas, params = list(emas), list(params)
     _check_lists([emas], params)
-    floats, decay_tensor = _split_decays([decay], 1)
+    floats, decay_tensor = _split_decays([decay])
     _run([emas], params, floats, decay_tensor, skip, single=True)
 
 
@@ -147,7 +142,7 @@ class EMAPlan:
         self.emas_per_decay = emas_per_decay
         self.params = params
         self.num_decays = len(emas_per_decay)
-        self.backend = backend(_device_type(params, emas_per_decay))
+        self.backend = backend(_device_type(params))
         if self.backend == "python":
             fallback.validate(emas_per_decay, params)
             self._keys = self._tensor_keys()
@@ -169,16 +164,14 @@ class EMAPlan:
         """Applies one update: ``decay`` is a float or 0-d tensor, or for a multi plan a
         sequence of K of them (or a tensor of K values)."""
         plan = self._plan
-        if plan is not None:  # the per-step hot path: no conversions for the usual arguments
+        if plan is not None:  # the per-step hot path: host floats need no conversion
             if type(decay) is float and self.num_decays == 1:
                 return plan.update_((decay,), None, skip)
-            if isinstance(decay, torch.Tensor):
-                return plan.update_((), decay.reshape(-1), skip)
             if type(decay) in (list, tuple) and all(type(d) is float for d in decay):
                 return plan.update_(decay, None, skip)
         if self.num_decays == 1 and (not isinstance(decay, (list, tuple))):
             decay = [decay]
-        floats, decay_tensor = _split_decays(decay, self.num_decays)
+        floats, decay_tensor = _split_decays(decay)
         if self._plan is not None:
             self._plan.update_(floats, decay_tensor, skip)
             return
