@@ -5,7 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "ema_kernel.cuh"
@@ -28,11 +27,12 @@ int multiprocessor_count(int device) {
 void ema_update_cuda(const Plan& plan, const UpdateArgs& args) {
   const c10::cuda::CUDAGuard guard(plan.device);
   const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
-  const int64_t grid =
-      std::min<int64_t>(num_rows, int64_t{multiprocessor_count(plan.device.index())} * kernel::kBlocksPerSM);
+  const kernel::LaunchConfig cfg = kernel::launch_config(
+      num_rows, plan.num_elements, multiprocessor_count(plan.device.index()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
-  kernel::ema_update_kernel<<<static_cast<unsigned>(grid), kernel::kThreads, 0, stream>>>(
-      plan.device_params, plan.device_emas, plan.device_rows, num_rows, plan.num_tensors, args);
+  const kernel::KernelFn kernel = kernel::select_kernel(plan);
+  kernel<<<cfg.grid, cfg.block, 0, stream>>>(plan.device_params, plan.device_emas,
+                                             plan.device_rows, num_rows, plan.num_tensors, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,20 +1,26 @@
 // The CUDA kernel's device code: one launch over the plan's rows, whatever the
-// tensor count. Kept apart from the host code (ema_cuda.cu) so the same source can
-// be compiled by nvcc for the GPU and, with a shim for the CUDA built-ins, as host
-// C++ for the tests that execute it on the CPU.
+// tensor count. Kept apart from the host code (ema_cuda.cu) so the same source
+// can be compiled by nvcc for the GPU and, with a shim for the CUDA built-ins
+// (tests/emulation/), as host C++ for the tests that execute it on the CPU.
 //
-// Each block takes whole rows (grid-stride). A row reads its dtypes once, so
-// every thread of a block takes the same branch, and a model that mixes dtypes
-// is still one launch. The body of a row moves 8 elements per thread per step
-// with 16-byte loads and stores for every dtype (one for 16-bit types, two for
-// fp32, four for fp64); elements before the first 16-byte-aligned index
-// shared by all arrays of the row, and after the last full step, are done one
-// at a time. Decays and the skip flag come from the kernel's arguments or, when
-// given as tensors, are read on the device: no host sync, graph-capturable.
+// Work split: the unit of work is one warp on one segment (kSegment elements)
+// of a row, so short rows (biases, norms) take a warp each, several per block,
+// and a large tensor is spread over many SMs (a 65536-element row is 64
+// segments). Warps take segments grid-stride, segment-major: first segment 0 of
+// every row, then segment 1, ... Each lane moves one pack per step: 16 bytes of
+// the wider of param and EMA (one 16-byte load or store; 8 or 4 bytes of the
+// narrower one), so every warp access is contiguous: 512 bytes of the wider
+// array, 256 or 128 of the narrower one. Elements before the first
+// index where every array of the row is aligned for its pack, and after the
+// last full pack, are done one at a time. Dtypes are read per row (uniform
+// within a warp), so a model that mixes dtypes is still one launch. Decays and
+// the skip flag come from the kernel's arguments or, when given as tensors,
+// are read on the device: no host sync, graph-capturable.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -25,171 +31,354 @@
 namespace fused_ema {
 namespace kernel {
 
-constexpr int kThreads = 512;
-constexpr int kVec = 8;  // elements per thread per step
-constexpr int kBlocksPerSM = 64;
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+// 8 blocks of 256 threads fill an SM (2048 threads): ptxas fits each
+// fixed-dtype kernel in 32 registers. The mixed-dtype kernel gets 64 (half).
+constexpr int kMinBlocksPerSM = 8;
+constexpr int kMixedMinBlocksPerSM = 4;
+constexpr int kSegment = 1024;  // elements of a row per warp work item
+constexpr int kSegmentsPerRow = static_cast<int>(kChunk / kSegment);
+static_assert(kChunk % kSegment == 0, "a row must be whole segments");
 
-template <typename T>
-struct alignas(16) Pack {
-  T v[kVec];
+constexpr int pack_bytes(int elements, int size) { return elements * size; }
+constexpr int pack_align(int elements, int size) {
+  return pack_bytes(elements, size) < 16 ? pack_bytes(elements, size) : 16;
+}
+
+// N elements moved together: one 16-byte access when N * sizeof(T) == 16,
+// several adjacent ones when wider.
+template <typename T, int N>
+struct alignas(pack_align(N, sizeof(T))) Pack {
+  T v[N];
 };
 
-template <typename ema_t, typename param_t>
-__device__ __forceinline__ void update_one(ema_t* e, param_t p, double decay) {
-  using opmath_t = typename OpMath<ema_t>::type;
-  *e = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(*e),
-                                             static_cast<opmath_t>(p),
-                                             lerp_weight<opmath_t>(decay)));
+// Elements per pack when param_t meets ema_t: 16 bytes of the wider one, so
+// every access of a warp is contiguous (the narrower array moves 8 or 4 bytes
+// per lane, 256 or 128 contiguous bytes per warp).
+template <typename param_t, typename ema_t>
+constexpr int pack_elements() {
+  return 16 / (sizeof(param_t) > sizeof(ema_t) ? sizeof(param_t) : sizeof(ema_t));
 }
 
-template <typename ema_t, typename param_t>
-__device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t>& p, double decay) {
-  using opmath_t = typename OpMath<ema_t>::type;
-  const opmath_t w = lerp_weight<opmath_t>(decay);
-  Pack<ema_t> ev = *reinterpret_cast<const Pack<ema_t>*>(e);
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    ev.v[j] = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(ev.v[j]),
-                                                    static_cast<opmath_t>(p.v[j]), w));
-  }
-  *reinterpret_cast<Pack<ema_t>*>(e) = ev;
-}
-
-template <typename T>
-__device__ __forceinline__ DType dtype_of();
-template <>
-__device__ __forceinline__ DType dtype_of<float>() { return DType::Float; }
-template <>
-__device__ __forceinline__ DType dtype_of<c10::Half>() { return DType::Half; }
-template <>
-__device__ __forceinline__ DType dtype_of<c10::BFloat16>() { return DType::BFloat16; }
-template <>
-__device__ __forceinline__ DType dtype_of<double>() { return DType::Double; }
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-
-// How a row splits: scalar elements [0, head), packs of kVec from head, scalar
-// elements [tail, length). `head` is the first index where every array of the
-// row is 16-byte aligned; stepping by kVec elements keeps them aligned (kVec *
-// element size is a multiple of 16). If no such index exists, all is scalar.
-struct RowSplit {
-  int head, num_packs, tail;
-};
-
+// With several decays the EMA dtypes are known only per row: 4 elements per
+// pack (16 bytes of an fp32 EMA or param), 2 for an fp64 param; an fp64 EMA
+// of a narrower param takes two 16-byte accesses.
 template <typename param_t>
-__device__ __forceinline__ RowSplit split_row(const param_t* param, char* const* ema,
-                                              const DType* ema_dtype, int num_decays,
-                                              int length) {
-  int head = length;
-  for (int h = 0; h < kVec && h < length; ++h) {
-    bool ok = aligned16(param + h);
-    for (int k = 0; k < num_decays; ++k) {
-      ok = ok && aligned16(ema[k] + h * dtype_size(ema_dtype[k]));
-    }
-    if (ok) {
-      head = h;
-      break;
-    }
-  }
-  const int num_packs = (length - head) / kVec;
-  return {head, num_packs, head + num_packs * kVec};
+constexpr int pack_elements_many() {
+  return sizeof(param_t) == 8 ? 2 : 4;
 }
 
-// Index of the s-th scalar element of a row: the head, then the tail.
-__device__ __forceinline__ int scalar_index(const RowSplit& split, int s) {
-  return s < split.head ? s : split.tail + (s - split.head);
+template <typename ema_t>
+using opmath_t = typename OpMath<ema_t>::type;
+
+template <typename ema_t, typename param_t>
+__device__ __forceinline__ void update_one(ema_t* e, param_t p, opmath_t<ema_t> w) {
+  using T = opmath_t<ema_t>;
+  *e = static_cast<ema_t>(ema_lerp<T>(static_cast<T>(*e), static_cast<T>(p), w));
+}
+
+// `p` is a register copy, loaded before the EMA is touched: a reference to
+// global memory would make the compiler re-read it element by element after
+// every store (it cannot prove that param and EMA do not alias). The EMA side
+// goes 16 bytes at a time (or all of it when narrower): with several decays,
+// an fp64 EMA of a 16-bit or fp32 param takes two 16-byte accesses.
+template <int N, typename ema_t, typename param_t>
+__device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t, N> p,
+                                            opmath_t<ema_t> w) {
+  using T = opmath_t<ema_t>;
+  constexpr int kPiece = (N * sizeof(ema_t) > 16) ? 16 / sizeof(ema_t) : N;
+#pragma unroll
+  for (int i = 0; i < N; i += kPiece) {
+    Pack<ema_t, kPiece> ev = *reinterpret_cast<const Pack<ema_t, kPiece>*>(e + i);
+#pragma unroll
+    for (int j = 0; j < kPiece; ++j) {
+      ev.v[j] = static_cast<ema_t>(
+          ema_lerp<T>(static_cast<T>(ev.v[j]), static_cast<T>(p.v[i + j]), w));
+    }
+    *reinterpret_cast<Pack<ema_t, kPiece>*>(e + i) = ev;
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+// The tensors' pointers come from the plan's table, so nvcc cannot tell that
+// they are global memory and would emit generic LD/ST; this tells it.
+template <typename T>
+__device__ __forceinline__ T* global_ptr(T* p) {
+#ifdef __CUDA_ARCH__
+  __builtin_assume(__isGlobal(p));
+#endif
+  return p;
+}
+
+__device__ __forceinline__ int smaller(int a, int b) { return a < b ? a : b; }
+
+// Index of the first element of `p` (elements of `size` bytes) that is aligned
+// to `alignment`, counted modulo alignment / size; -1 if none ever is.
+__device__ __forceinline__ int align_offset(const void* p, int size, int alignment) {
+  const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p) & (alignment - 1));
+  if (misalign % size != 0) return -1;
+  return ((alignment - misalign) & (alignment - 1)) / size;
+}
+
+// How a row splits: packs of N elements over [head, tail), single elements in
+// [0, head) and [tail, length). `head` is the first index where every array of
+// the row is aligned for its pack; stepping by N keeps them aligned. If no such
+// index exists (or it is past the end), head == tail == length and the whole
+// row goes one at a time.
+struct RowSplit {
+  int head, num_packs, tail, length;
+  __device__ __forceinline__ int num_single() const { return head + (length - tail); }
+  // Index of the s-th single element: the head ones, then the tail ones.
+  __device__ __forceinline__ int single_index(int s) const {
+    return s < head ? s : tail + (s - head);
+  }
+};
+
+__device__ __forceinline__ RowSplit make_split(int head, int length, int n) {
+  const int num_packs = (length - head) / n;
+  return {head, num_packs, head + num_packs * n, length};
+}
+
+// A warp's share of a row: segment `seg` of its packs (kSegment / N packs) and
+// of its single elements (kSegment of them: a misaligned row is all singles).
+// `pack(idx)` and `single(idx)` update the pack at element idx and element idx.
+template <int N, typename PackFn, typename SingleFn>
+__device__ __forceinline__ void for_segment(const RowSplit& split, int seg, int lane,
+                                            PackFn&& pack, SingleFn&& single) {
+  constexpr int kPacksPerSegment = kSegment / N;
+  const int pack_end = smaller(split.num_packs, (seg + 1) * kPacksPerSegment);
+  // Not unrolled: one pack in flight per thread is enough at full occupancy,
+  // and unrolling would cost the registers that full occupancy needs.
+#pragma unroll 1
+  for (int v = seg * kPacksPerSegment + lane; v < pack_end; v += kWarpSize) {
+    pack(split.head + v * N);
+  }
+  const int single_end = smaller(split.num_single(), (seg + 1) * kSegment);
+#pragma unroll 1
+  for (int s = seg * kSegment + lane; s < single_end; s += kWarpSize) {
+    single(split.single_index(s));
+  }
 }
 
 // One decay (the common case): both types known, everything in registers.
 template <typename param_t, typename ema_t>
-__device__ void update_row_one(const param_t* param, ema_t* ema, int length, double decay) {
-  char* ema_bytes = reinterpret_cast<char*>(ema);
-  const DType ema_dtype = dtype_of<ema_t>();
-  const RowSplit split = split_row(param, &ema_bytes, &ema_dtype, 1, length);
-  for (int v = threadIdx.x; v < split.num_packs; v += blockDim.x) {
-    const int idx = split.head + v * kVec;
-    update_pack(ema + idx, *reinterpret_cast<const Pack<param_t>*>(param + idx), decay);
-  }
-  const int num_scalar = split.head + (length - split.tail);
-  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
-    const int idx = scalar_index(split, s);
-    update_one(ema + idx, param[idx], decay);
-  }
+__device__ void update_segment_one(const param_t* param, ema_t* ema, int length, int seg,
+                                   int lane, opmath_t<ema_t> w) {
+  constexpr int N = pack_elements<param_t, ema_t>();
+  // Both arrays' packs are N * size <= 16 bytes, aligned to their size, so
+  // each array's alignment repeats every N elements: the row's head is their
+  // common offset, if they have one.
+  const int hp = align_offset(param, sizeof(param_t), N * sizeof(param_t));
+  const int he = align_offset(ema, sizeof(ema_t), N * sizeof(ema_t));
+  const int head = hp >= 0 && hp == he ? smaller(hp, length) : length;
+  const RowSplit split = make_split(head, length, N);
+  for_segment<N>(
+      split, seg, lane,
+      [&](int idx) { update_pack<N>(ema + idx, load_pack<N>(param + idx), w); },
+      [&](int idx) { update_one(ema + idx, param[idx], w); });
 }
 
-// Several decays: each param pack is read once and applied to every EMA.
+// The EMA of decay k for a row, as raw bytes at the row's first element.
+__device__ __forceinline__ char* ema_row(const EmaSlot& es, const Row& row) {
+  return static_cast<char*>(es.ptr) + row.start * dtype_size(es.dtype);
+}
+
+// Several decays: each param pack is read once and applied to every EMA. An
+// EMA's slot is re-read from the table (L1-resident) rather than kept in a
+// local array, which would need a stack frame.
 template <typename param_t>
-__device__ void update_row_many(const param_t* param, char* const* ema, const DType* ema_dtype,
-                                int num_decays, int length, const double* decays) {
-  const RowSplit split = split_row(param, ema, ema_dtype, num_decays, length);
-  for (int v = threadIdx.x; v < split.num_packs; v += blockDim.x) {
-    const int idx = split.head + v * kVec;
-    const Pack<param_t> p = *reinterpret_cast<const Pack<param_t>*>(param + idx);
-    for (int k = 0; k < num_decays; ++k) {
-      dispatch_dtype(ema_dtype[k], [&](auto* tag) {
-        using ema_t = std::remove_pointer_t<decltype(tag)>;
-        update_pack(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
-      });
-    }
+__device__ void update_segment_many(const param_t* param, const EmaSlot* emas, const Row& row,
+                                    int64_t num_tensors, int num_decays, const double* decays,
+                                    int seg, int lane) {
+  constexpr int N = pack_elements_many<param_t>();
+  const int length = row.length;
+  const EmaSlot* slots = emas + row.tensor;  // decay k: slots[k * num_tensors]
+  // As in update_segment_one: the param's period is N and every EMA's divides it.
+  const int hp = align_offset(param, sizeof(param_t), pack_align(N, sizeof(param_t)));
+  bool agree = hp >= 0;
+  for (int k = 0; k < num_decays && agree; ++k) {
+    const EmaSlot es = slots[k * num_tensors];
+    const int size = dtype_size(es.dtype);
+    const int alignment = pack_align(N, size);
+    agree = hp % (alignment / size) == align_offset(ema_row(es, row), size, alignment);
   }
-  const int num_scalar = split.head + (length - split.tail);
-  for (int s = threadIdx.x; s < num_scalar; s += blockDim.x) {
-    const int idx = scalar_index(split, s);
-    const param_t p = param[idx];
-    for (int k = 0; k < num_decays; ++k) {
-      dispatch_dtype(ema_dtype[k], [&](auto* tag) {
-        using ema_t = std::remove_pointer_t<decltype(tag)>;
-        update_one(reinterpret_cast<ema_t*>(ema[k]) + idx, p, decays[k]);
+  const int head = agree ? smaller(hp, length) : length;
+  const RowSplit split = make_split(head, length, N);
+  for_segment<N>(
+      split, seg, lane,
+      [&](int idx) {
+        const Pack<param_t, N> p = load_pack<N>(param + idx);
+        for (int k = 0; k < num_decays; ++k) {
+          const EmaSlot es = slots[k * num_tensors];
+          dispatch_dtype(es.dtype, [&](auto* tag) {
+            using ema_t = std::remove_pointer_t<decltype(tag)>;
+            update_pack<N>(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
+                           lerp_weight<opmath_t<ema_t>>(decays[k]));
+          });
+        }
+      },
+      [&](int idx) {
+        const param_t p = param[idx];
+        for (int k = 0; k < num_decays; ++k) {
+          const EmaSlot es = slots[k * num_tensors];
+          dispatch_dtype(es.dtype, [&](auto* tag) {
+            using ema_t = std::remove_pointer_t<decltype(tag)>;
+            update_one(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
+                       lerp_weight<opmath_t<ema_t>>(decays[k]));
+          });
+        }
       });
-    }
-  }
 }
 
-template <typename param_t>
-__device__ void update_row(const Row& row, const ParamSlot& ps, const EmaSlot* emas,
-                           int64_t num_tensors, int num_decays, const double* decays) {
-  const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
-  if (num_decays == 1) {
-    const EmaSlot es = emas[row.tensor];
-    dispatch_dtype(es.dtype, [&](auto* tag) {
-      using ema_t = std::remove_pointer_t<decltype(tag)>;
-      update_row_one(param, static_cast<ema_t*>(es.ptr) + row.start, row.length, decays[0]);
-    });
-    return;
-  }
-  char* ema[kMaxDecays];
-  DType ema_dtype[kMaxDecays];
-  for (int k = 0; k < num_decays; ++k) {
-    const EmaSlot es = emas[k * num_tensors + row.tensor];
-    ema_dtype[k] = es.dtype;
-    ema[k] = static_cast<char*>(es.ptr) + row.start * dtype_size(es.dtype);
-  }
-  update_row_many(param, ema, ema_dtype, num_decays, row.length, decays);
-}
-
-__global__ void __launch_bounds__(kThreads)
-    ema_update_kernel(const ParamSlot* params, const EmaSlot* emas, const Row* rows,
-                      int64_t num_rows, int64_t num_tensors, UpdateArgs args) {
-  // Uniform across the grid, so returning before the barrier is safe.
-  if (args.skip_ptr != nullptr && read_scalar(args.skip_ptr, args.skip_kind, 0) != 0.0) return;
+// The block's decays, in shared memory. One variable for every kernel below,
+// in a function with internal linkage (not a template), so that the tests'
+// shim can find it (and fill it with garbage before each block).
+static __device__ __forceinline__ double* shared_decays() {
   __shared__ double decays[kMaxDecays];
+  return decays;
+}
+
+// Skip flag and decays, for every kernel below: returns false when the update
+// is skipped. The decays go to shared_decays(), written by the first threads
+// and published by the barrier.
+__device__ __forceinline__ bool read_update_args(const UpdateArgs& args, double* decays) {
+  // Uniform across the grid, so returning before the barrier is safe.
+  if (args.skip_ptr != nullptr && read_scalar(args.skip_ptr, args.skip_kind, 0) != 0.0) {
+    return false;
+  }
   if (threadIdx.x < args.num_decays) {
-    decays[threadIdx.x] = args.decay_ptr != nullptr
-                              ? read_scalar(args.decay_ptr, args.decay_kind, threadIdx.x)
-                              : args.decays[threadIdx.x];
+    const int k = static_cast<int>(threadIdx.x);
+    double decay = 0.0;
+    if (args.decay_ptr != nullptr) {
+      decay = read_scalar(args.decay_ptr, args.decay_kind, k);
+    } else {
+      // Constant indices: a kernel argument indexed at run time would be
+      // copied to a stack frame first.
+#pragma unroll
+      for (int j = 0; j < kMaxDecays; ++j) {
+        if (j == k) decay = args.decays[j];
+      }
+    }
+    decays[k] = decay;
   }
   __syncthreads();
+  return true;
+}
 
-  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
-    const Row row = rows[r];
+// Calls body(row, seg, lane) for each non-empty work item (a segment of a
+// row) of this thread's warp. 32-bit work indices (launch_config checks that
+// they fit): a 64-bit division is a subroutine call that costs registers.
+template <typename Body>
+__device__ __forceinline__ void for_each_segment(const Row* rows, int64_t num_rows, Body&& body) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const uint32_t rows32 = static_cast<uint32_t>(num_rows);
+  const uint32_t num_items = rows32 * kSegmentsPerRow;
+  for (uint32_t item = blockIdx.x * kWarps + threadIdx.x / kWarpSize; item < num_items;
+       item += gridDim.x * kWarps) {
+    const uint32_t seg = item / rows32;
+    const Row row = rows[item - seg * rows32];
+    if (static_cast<int>(seg) * kSegment >= row.length) continue;  // this row is shorter
+    body(row, static_cast<int>(seg), lane);
+  }
+}
+
+// One decay, and one (param, EMA) dtype pair for every tensor: the common
+// case, with both types known at compile time. Small enough for 32 registers.
+template <typename param_t, typename ema_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    ema_update_kernel(const ParamSlot* params, const EmaSlot* emas, const Row* rows,
+                      int64_t num_rows, int64_t num_tensors, UpdateArgs args) {
+  double* decays = shared_decays();
+  if (!read_update_args(args, decays)) return;
+  const opmath_t<ema_t> w = lerp_weight<opmath_t<ema_t>>(decays[0]);
+  for_each_segment(rows, num_rows, [&](const Row& row, int seg, int lane) {
+    const param_t* param = global_ptr(static_cast<const param_t*>(params[row.tensor].ptr));
+    ema_t* ema = global_ptr(static_cast<ema_t*>(emas[row.tensor].ptr));
+    update_segment_one(param + row.start, ema + row.start, row.length, seg, lane, w);
+  });
+}
+
+// Any dtypes, read per row, and any number of decays: one launch for a model
+// that mixes dtypes. Its dtype switches take more registers (launch bounds
+// for half occupancy, still 1024 threads and 16 KiB per SM in flight).
+template <bool kManyDecays>
+__global__ void __launch_bounds__(kThreads, kMixedMinBlocksPerSM)
+    mixed_ema_update_kernel(const ParamSlot* params, const EmaSlot* emas, const Row* rows,
+                            int64_t num_rows, int64_t num_tensors, UpdateArgs args) {
+  double* decays = shared_decays();
+  if (!read_update_args(args, decays)) return;
+  for_each_segment(rows, num_rows, [&](const Row& row, int seg, int lane) {
     const ParamSlot ps = params[row.tensor];
     dispatch_dtype(ps.dtype, [&](auto* tag) {
       using param_t = std::remove_pointer_t<decltype(tag)>;
-      update_row<param_t>(row, ps, emas, num_tensors, args.num_decays, decays);
+      const param_t* param = global_ptr(static_cast<const param_t*>(ps.ptr) + row.start);
+      if constexpr (kManyDecays) {
+        update_segment_many(param, emas, row, num_tensors, args.num_decays, decays, seg, lane);
+      } else {
+        const EmaSlot es = emas[row.tensor];
+        dispatch_dtype(es.dtype, [&](auto* etag) {
+          using ema_t = std::remove_pointer_t<decltype(etag)>;
+          update_segment_one(param, global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))),
+                             row.length, seg, lane,
+                             lerp_weight<opmath_t<ema_t>>(decays[0]));
+        });
+      }
     });
+  });
+}
+
+using KernelFn = void (*)(const ParamSlot*, const EmaSlot*, const Row*, int64_t, int64_t,
+                          UpdateArgs);
+
+// The kernel for a plan: the fixed-dtype one when there is one decay and every
+// tensor has the same (param, EMA) dtype pair, else the mixed one.
+inline KernelFn select_kernel(const Plan& plan) {
+  if (plan.num_decays > 1) return mixed_ema_update_kernel<true>;
+  const DType param_dtype = plan.params.front().dtype;
+  const DType ema_dtype = plan.emas.front().dtype;
+  for (size_t i = 1; i < plan.params.size(); ++i) {
+    if (plan.params[i].dtype != param_dtype || plan.emas[i].dtype != ema_dtype) {
+      return mixed_ema_update_kernel<false>;
+    }
   }
+  KernelFn fn = nullptr;
+  dispatch_dtype(param_dtype, [&](auto* ptag) {
+    dispatch_dtype(ema_dtype, [&](auto* etag) {
+      fn = ema_update_kernel<std::remove_pointer_t<decltype(ptag)>,
+                             std::remove_pointer_t<decltype(etag)>>;
+    });
+  });
+  return fn;
+}
+
+// The launch: the one place that sizes the grid (used by ema_cuda.cu and by
+// the tests that run this kernel on the CPU). One warp per non-empty segment,
+// at most one full wave of blocks (kMinBlocksPerSM per SM); a row of `length`
+// elements has ceil(length / kSegment) non-empty segments, so the plan's
+// element and row counts bound the work without reading its rows.
+struct LaunchConfig {
+  unsigned grid;
+  unsigned block;
+};
+// Rows one launch can take: the kernel's work indices are 32-bit unsigned,
+// and below 2^31 they cannot wrap when a grid stride (< 2^31) is added.
+constexpr int64_t kMaxRows = (int64_t{1} << 31) / kSegmentsPerRow;
+
+inline LaunchConfig launch_config(int64_t num_rows, int64_t num_elements,
+                                  int multiprocessor_count) {
+  TORCH_CHECK(num_rows <= kMaxRows, "fused_ema: ", num_elements,
+              " elements per EMA in one update is more than the CUDA kernel takes (",
+              kMaxRows * kChunk, "); split the tensor lists");
+  const int64_t segments = num_elements / kSegment + num_rows;
+  const int64_t wanted = (segments + kWarps - 1) / kWarps;
+  const int64_t wave = int64_t{multiprocessor_count} * kMinBlocksPerSM;
+  return {static_cast<unsigned>(wanted < wave ? wanted : wave), static_cast<unsigned>(kThreads)};
 }
 
 }  // namespace kernel

@@ -17,14 +17,35 @@ struct OpMath<double> {
   using type = double;
 };
 
+// One numeric contract on every device: each multiply, add and subtract of the
+// update is rounded on its own, never fused into an FMA. Host code gets this
+// from -ffp-contract=off (setup.py); in CUDA device code the _rn intrinsics are
+// never contracted, whatever nvcc's --fmad setting, so CPU and CUDA give the
+// same bits. The update is memory-bound: the FMA would save nothing.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else
+template <typename T>
+C10_ALWAYS_INLINE T add_rn(T a, T b) { return a + b; }
+template <typename T>
+C10_ALWAYS_INLINE T sub_rn(T a, T b) { return a - b; }
+template <typename T>
+C10_ALWAYS_INLINE T mul_rn(T a, T b) { return a * b; }
+#endif
+
 // ema <- lerp(ema, param, weight) with weight = 1 - decay, in torch.lerp's form.
 // Both branches are exact at their end: weight == 0 (decay 1) returns `ema`
 // unchanged, weight == 1 (decay 0) returns `param` exactly.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp(T ema, T param, T weight) {
-  const T diff = param - ema;
-  return (weight < T(0.5)) ? ema + weight * diff
-                           : param - diff * (T(1) - weight);
+  const T diff = sub_rn(param, ema);
+  return (weight < T(0.5)) ? add_rn(ema, mul_rn(weight, diff))
+                           : sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));
 }
 
 // The lerp weight for a decay, rounded once from double to the update's type:
