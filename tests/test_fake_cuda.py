@@ -228,15 +228,36 @@ def test_bound_plan_captured_on_another_stream_outlives_the_plan(fake):
 
 
 def test_a_layout_change_is_a_new_plan(fake):
-    """TensorKey includes the strides: the same storage seen as channels_last is replanned."""
-    p = torch.randn(2, 3, 4, 5)
+    """TensorKey includes the strides: the same storage, shape and contiguity (none) in
+    another dense layout gets another plan."""
+    p = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     e = p.clone() + 1
     fake.update([e], [p], [0.5])
-    pc, ec = p.to(memory_format=torch.channels_last), e.to(memory_format=torch.channels_last)
-    want = expected_after([ec], [pc], [0.5])
-    fake.update([ec], [pc], [0.5])
-    assert equal([ec], want)
+    for t in (e, p):
+        t.set_(t.untyped_storage(), 0, t.shape, (60, 20, 1, 4))
+    want = expected_after([e], [p], [0.5])
+    fake.update([e], [p], [0.5])
+    assert equal([e], want)
     assert calls(fake, "copy_to_device")["copy_to_device"] == 2
+
+
+def test_two_captures_before_any_eager_call(fake):
+    """A table copied inside one capture serves that capture only."""
+    emas, params = tensors(2, seed=10)
+    want = expected_after(emas, params, [0.5])
+    graphs = []
+    for _ in range(2):
+        s = fake.new_stream()
+        fake.begin_capture(s)
+        fake.set_stream(s)
+        fake.update(emas, params, [0.5])
+        graphs.append((fake.end_capture(s), s))
+    fake.set_stream(DEFAULT)
+    graph, s = graphs[1]
+    fake.replay(graph, s)  # the second graph alone: it copies its own table
+    assert equal(emas, want)
+    for graph, _ in graphs:
+        fake.destroy_graph(graph)
 
 
 def test_host_side_never_syncs_or_mallocs():
