@@ -477,9 +477,9 @@ size_t num_released_tables() {
 }
 
 DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream stream) {
-  free_released_tables();
   device::Runtime& rt = device::runtime();
   const device::CaptureState capture = rt.capture_state(stream);
+  if (!capture.capturing) free_released_tables();
   std::lock_guard<std::mutex> lock(plan.table_mutex);
   if (!capture.capturing) {
     if (!plan.table) {

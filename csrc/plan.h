@@ -195,7 +195,7 @@ struct DeviceView {
 DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream stream);
 
 // Tables released by CUDA graphs wait here (the runtime's release callback may
-// not call CUDA) and are freed by the next device_table_for_launch.
+// not call CUDA) and are freed by the next device_table_for_launch outside capture.
 void free_released_tables();
 size_t num_released_tables();
 

@@ -260,6 +260,26 @@ def test_two_captures_before_any_eager_call(fake):
         fake.destroy_graph(graph)
 
 
+def test_released_tables_are_freed_outside_capture_only(fake):
+    emas, params = tensors(2, seed=11)
+    s = fake.new_stream()
+    fake.begin_capture(s)
+    fake.set_stream(s)
+    fake.update(emas, params, [0.5])
+    first = fake.end_capture(s)
+    fake.destroy_graph(first)
+    released = fake.num_released_tables()
+    assert released >= 1
+    fake.begin_capture(s)
+    fake.update(emas, params, [0.5])  # inside another capture: nothing is freed
+    second = fake.end_capture(s)
+    assert fake.num_released_tables() == released
+    fake.set_stream(DEFAULT)
+    fake.update(emas, params, [0.5])
+    assert fake.num_released_tables() == 0
+    fake.destroy_graph(second)
+
+
 def test_host_side_never_syncs_or_mallocs():
     """The CUDA host code has no raw allocation, free or synchronisation left to call."""
     forbidden = ("cudaMalloc(", "cudaFree(", "cudaStreamSynchronize", "cudaDeviceSynchronize",
