@@ -118,8 +118,8 @@ struct Plan {
   std::vector<Row> rows;
   std::vector<int64_t> row_offsets;  // elements before each row, then the total (CPU balance)
 
-  // CUDA only: the three arrays above in device memory, uploaded on first use
-  // (see device_table_for_launch). `table` serves every launch outside graph
+  // CUDA only: the three arrays above in device memory, uploaded when the plan
+  // is built outside graph capture, else on first use (device_table_for_launch). `table` serves every launch outside graph
   // capture; `capture_table` was uploaded inside the capture `capture_table->
   // capture_id` and serves that capture only (its copy runs when the graph does).
   mutable std::mutex table_mutex;
@@ -185,8 +185,8 @@ void ema_update_cuda(const Plan& plan, const UpdateArgs& args);
 // this call (through device::runtime()). Uploads it on first use, stream-ordered;
 // orders another stream after the upload with an event; inside graph capture
 // hands the graph a reference to the table (uploading a capture-only table if
-// the plan has none yet). Never synchronises with the device or calls
-// cudaMalloc/cudaFree.
+// the plan has none yet). No cudaMalloc, cudaFree or device sync; the one host
+// wait is on the first use inside a capture of a table uploaded before it.
 struct DeviceView {
   const ParamSlot* params;
   const EmaSlot* emas;
