@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <cmath>
 #include <list>
@@ -37,11 +38,40 @@ TensorKey key_of(const at::Tensor& t) {
     h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
   }
   h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
+  if (!t.is_contiguous()) {  // a dense layout of its own (channels_last, ...)
+    for (int64_t s : t.strides()) {
+      h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
+    }
+  }
   const int64_t meta = static_cast<int64_t>(t.scalar_type()) |
                        (static_cast<int64_t>(t.device().type()) << 8) |
                        (static_cast<int64_t>(t.device().index() + 1) << 16) |
                        (static_cast<int64_t>(t.is_contiguous()) << 32);
   return {reinterpret_cast<uintptr_t>(t.data_ptr()), t.numel(), meta, h};
+}
+
+// The kernels walk a tensor's storage as one flat array of numel elements from
+// data_ptr: right for any non-overlapping and dense layout (contiguous,
+// channels_last, a permutation), provided EMA and param share it.
+void check_dense_and_aligned(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(t.is_contiguous() || t.is_non_overlapping_and_dense(), "fused_ema: ", name,
+                    " is neither contiguous nor dense (strides ", t.strides(),
+                    "); pass contiguous or dense (e.g. channels_last) tensors");
+  // from_blob or DLPack can give an address that is not a multiple of the
+  // element size; such an access faults on a GPU.
+  const auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
+  TORCH_CHECK_VALUE(address % t.element_size() == 0, "fused_ema: ", name, " starts at address ",
+                    reinterpret_cast<void*>(address), ", which is not a multiple of its element "
+                    "size (", t.element_size(), " bytes); copy it into a tensor of its own");
+}
+
+// Equal strides wherever they matter (a dimension of size 1 has any stride).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
 }
 
 void check_shape_and_layout(const at::Tensor& ema, const at::Tensor& param,
@@ -56,8 +86,11 @@ void check_shape_and_layout(const at::Tensor& ema, const at::Tensor& param,
   TORCH_CHECK_TYPE(to_dtype(ema.scalar_type()).has_value(), "fused_ema: ", ename,
                    " has dtype ", ema.scalar_type(),
                    "; an EMA must be float32, float16, bfloat16 or float64");
-  TORCH_CHECK_VALUE(ema.is_contiguous(), "fused_ema: ", ename,
-                    " is not contiguous; the EMA must be a contiguous tensor");
+  check_dense_and_aligned(ema, ename);
+  TORCH_CHECK_VALUE(same_layout(ema, param), "fused_ema: ", ename, " has strides ",
+                    ema.strides(), " but ", pname, " has strides ", param.strides(),
+                    "; an EMA must have its param's memory layout (make it with "
+                    "param.detach().clone())");
 }
 
 // Byte range of a tensor's elements, with the name to report.
@@ -133,8 +166,7 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
     auto pdt = to_dtype(p.scalar_type());
     TORCH_CHECK_TYPE(pdt.has_value(), "fused_ema: ", param_name(i), " has dtype ",
                      p.scalar_type(), "; params must be float32, float16, bfloat16 or float64");
-    TORCH_CHECK_VALUE(p.is_contiguous(), "fused_ema: ", param_name(i),
-                      " is not contiguous; pass contiguous params");
+    check_dense_and_aligned(p, param_name(i));
     plan->params[i] = {p.data_ptr(), p.numel(), *pdt, 0};
     const auto pbegin = reinterpret_cast<uintptr_t>(p.data_ptr());
     if (p.numel() > 0) {
@@ -163,51 +195,83 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
   plan->key = plan_key(emas, params);
 
   if (device.is_cuda() && !plan->rows.empty()) {
-    // One device buffer: [ParamSlot x n][EmaSlot x K*n][Row x rows], all 8-byte aligned.
-    const size_t pbytes = plan->params.size() * sizeof(ParamSlot);
-    const size_t ebytes = plan->emas.size() * sizeof(EmaSlot);
-    const size_t rbytes = plan->rows.size() * sizeof(Row);
-    std::vector<uint8_t> host(pbytes + ebytes + rbytes);
-    std::memcpy(host.data(), plan->params.data(), pbytes);
-    std::memcpy(host.data() + pbytes, plan->emas.data(), ebytes);
-    std::memcpy(host.data() + pbytes + ebytes, plan->rows.data(), rbytes);
 #ifdef FUSED_EMA_WITH_CUDA
-    plan->device_table = upload_table_cuda(host.data(), host.size(), device);
+    // Upload now, ordered on the current stream, unless a graph is being
+    // captured there (then the first launch uploads a table for that graph).
+    device::Runtime& rt = device::runtime();
+    const device::Stream stream = rt.current_stream(device.index());
+    if (!rt.capture_state(stream).capturing) {
+      device_table_for_launch(*plan, device.index(), stream);
+    }
 #else
     TORCH_CHECK(false, "fused_ema: this build has no CUDA kernels; rebuild with a CUDA torch "
                 "and nvcc, or set FUSED_EMA_BACKEND=python");
 #endif
-    auto* dbase = static_cast<const uint8_t*>(plan->device_table.get());
-    plan->device_params = reinterpret_cast<const ParamSlot*>(dbase);
-    plan->device_emas = reinterpret_cast<const EmaSlot*>(dbase + pbytes);
-    plan->device_rows = reinterpret_cast<const Row*>(dbase + pbytes + ebytes);
   }
   return plan;
 }
 
+namespace {
+
+size_t table_bytes(const Plan& plan) {
+  return plan.params.size() * sizeof(ParamSlot) + plan.emas.size() * sizeof(EmaSlot) +
+         plan.rows.size() * sizeof(Row);
+}
+
+// An LRU of plans, large enough that a loop over many tensor lists (several
+// models, per-layer updates) stays warm; bounded in table bytes too. A miss
+// costs a validation and a stream-ordered upload, never a device sync.
+struct PlanCache {
+  static constexpr size_t kCapacity = 64;
+  static constexpr size_t kMaxBytes = size_t{64} << 20;
+  std::mutex mutex;
+  std::list<std::shared_ptr<const Plan>> plans;
+  size_t bytes = 0;
+};
+
+PlanCache& plan_cache() {
+  static auto* cache = new PlanCache;  // never destroyed: plans may outlive static teardown
+  return *cache;
+}
+
+}  // namespace
+
+void clear_plan_cache() {
+  PlanCache& c = plan_cache();
+  std::list<std::shared_ptr<const Plan>> plans;
+  std::lock_guard<std::mutex> lock(c.mutex);
+  plans.swap(c.plans);
+  c.bytes = 0;
+}
+
 std::shared_ptr<const Plan> cached_plan(at::TensorList emas, at::TensorList params,
                                         int64_t num_decays) {
-  // Small LRU: a training loop reuses one or two tensor lists.
-  constexpr size_t kCapacity = 8;
-  static std::mutex mutex;
-  static std::list<std::shared_ptr<const Plan>> cache;
-  if (params.empty() || static_cast<int64_t>(emas.size()) != params.size() * num_decays) {
+  PlanCache& c = plan_cache();
+  if (params.empty() ||
+      static_cast<int64_t>(emas.size()) != static_cast<int64_t>(params.size()) * num_decays) {
     return build_plan(emas, params, num_decays);  // reports the error, or an empty plan
   }
   std::vector<TensorKey> key = plan_key(emas, params);
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto it = cache.begin(); it != cache.end(); ++it) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    for (auto it = c.plans.begin(); it != c.plans.end(); ++it) {
       if ((*it)->num_decays == num_decays && (*it)->key == key) {
-        cache.splice(cache.begin(), cache, it);
-        return cache.front();
+        c.plans.splice(c.plans.begin(), c.plans, it);
+        return c.plans.front();
       }
     }
   }
   auto plan = build_plan(emas, params, num_decays);
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.push_front(plan);
-  if (cache.size() > kCapacity) cache.pop_back();
+  std::vector<std::shared_ptr<const Plan>> evicted;  // released outside the lock
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.plans.push_front(plan);
+  c.bytes += table_bytes(*plan);
+  while (c.plans.size() > 1 &&
+         (c.plans.size() > PlanCache::kCapacity || c.bytes > PlanCache::kMaxBytes)) {
+    c.bytes -= table_bytes(*c.plans.back());
+    evicted.push_back(std::move(c.plans.back()));
+    c.plans.pop_back();
+  }
   return plan;
 }
 
@@ -305,6 +369,157 @@ UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
     }
   }
   return args;
+}
+
+// ---- The device table: runtime, upload, lifetime under graph capture ----
+
+namespace device {
+namespace {
+std::atomic<Runtime*> installed_runtime{nullptr};
+}  // namespace
+
+#ifndef FUSED_EMA_WITH_CUDA
+Runtime* cuda_runtime() { return nullptr; }
+#endif
+
+Runtime& runtime() {
+  Runtime* rt = installed_runtime.load(std::memory_order_acquire);
+  if (rt == nullptr) rt = cuda_runtime();
+  TORCH_CHECK(rt != nullptr, "fused_ema: this build has no CUDA kernels; rebuild with a CUDA "
+              "torch and nvcc, or set FUSED_EMA_BACKEND=python");
+  return *rt;
+}
+
+void set_runtime(Runtime* rt) { installed_runtime.store(rt, std::memory_order_release); }
+
+}  // namespace device
+
+DeviceTable::~DeviceTable() {
+  if (ready != nullptr && runtime != nullptr) runtime->destroy_event(ready);
+  // `memory` and `staging` go back to their caching allocators (stream-ordered).
+}
+
+namespace {
+
+// Tables whose last graph is gone: CUDA calls the release from its own thread,
+// where no CUDA call is allowed, so freeing waits for a host thread of ours.
+struct ReleasedTables {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<const DeviceTable>> tables;
+  std::atomic<bool> any{false};
+};
+
+ReleasedTables& released_tables() {
+  static auto* released = new ReleasedTables;  // never destroyed: CUDA may release at exit
+  return *released;
+}
+
+void release_table(std::shared_ptr<const DeviceTable> table) noexcept {
+  ReleasedTables& r = released_tables();
+  try {
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.tables.push_back(std::move(table));
+    r.any.store(true, std::memory_order_release);
+  } catch (...) {
+    // Out of memory while growing the list: keep the table alive (a leak, not a fault).
+    new std::shared_ptr<const DeviceTable>(std::move(table));
+  }
+}
+
+// A new table holding `plan`'s arrays, uploaded on `stream`; inside the capture
+// `capture_id` (!= 0) the copy is a node of the graph and runs at each replay.
+std::shared_ptr<DeviceTable> upload_table(device::Runtime& rt, const Plan& plan, int device,
+                                          device::Stream stream, unsigned long long capture_id) {
+  const size_t pbytes = plan.params.size() * sizeof(ParamSlot);
+  const size_t ebytes = plan.emas.size() * sizeof(EmaSlot);
+  const size_t rbytes = plan.rows.size() * sizeof(Row);
+  const size_t bytes = pbytes + ebytes + rbytes;
+  auto table = std::make_shared<DeviceTable>();
+  table->runtime = &rt;
+  table->stream = stream;
+  table->capture_id = capture_id;
+  at::DataPtr staging = rt.alloc_pinned(bytes);
+  auto* host = static_cast<uint8_t*>(staging.get());
+  std::memcpy(host, plan.params.data(), pbytes);
+  std::memcpy(host + pbytes, plan.emas.data(), ebytes);
+  std::memcpy(host + pbytes + ebytes, plan.rows.data(), rbytes);
+  table->memory = rt.alloc_device(bytes, device, stream);
+  rt.copy_to_device_async(table->memory.get(), staging, bytes, stream);
+  if (capture_id != 0) {
+    table->staging = std::move(staging);  // every replay copies from it again
+  } else {
+    table->ready = rt.record_event(device, stream);
+  }
+  auto* base = static_cast<const uint8_t*>(table->memory.get());
+  table->params = reinterpret_cast<const ParamSlot*>(base);
+  table->emas = reinterpret_cast<const EmaSlot*>(base + pbytes);
+  table->rows = reinterpret_cast<const Row*>(base + pbytes + ebytes);
+  return table;
+}
+
+}  // namespace
+
+void free_released_tables() {
+  ReleasedTables& r = released_tables();
+  if (!r.any.load(std::memory_order_acquire)) return;
+  std::vector<std::shared_ptr<const DeviceTable>> tables;
+  {
+    std::lock_guard<std::mutex> lock(r.mutex);
+    tables.swap(r.tables);
+    r.any.store(false, std::memory_order_release);
+  }
+}  // the tables are freed here, outside the lock
+
+size_t num_released_tables() {
+  ReleasedTables& r = released_tables();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  return r.tables.size();
+}
+
+DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream stream) {
+  device::Runtime& rt = device::runtime();
+  const device::CaptureState capture = rt.capture_state(stream);
+  if (!capture.capturing) free_released_tables();
+  std::lock_guard<std::mutex> lock(plan.table_mutex);
+  if (!capture.capturing) {
+    if (!plan.table) {
+      plan.table = upload_table(rt, plan, device, stream, 0);
+    } else if (plan.table->stream != stream) {
+      DeviceTable& t = *plan.table;
+      auto& seen = t.waited_streams;
+      if (std::find(seen.begin(), seen.end(), stream) == seen.end()) {
+        // Once per stream: order it after the upload, and keep the caching
+        // allocator from reusing the memory before this stream is done with it.
+        rt.wait_event(stream, t.ready);
+        rt.record_stream(t.memory, stream);
+        seen.push_back(stream);
+      }
+    }
+    const DeviceTable& t = *plan.table;
+    return {t.params, t.emas, t.rows};
+  }
+  // Inside capture: the graph reads the table at every replay, so it holds a
+  // reference until it and its launches are gone, whatever becomes of the plan.
+  std::shared_ptr<DeviceTable> table;
+  if (plan.table) {
+    table = plan.table;
+    if (!table->known_complete) {
+      // Captured work does not wait for work queued before the capture began:
+      // wait (once per table) for the upload to finish.
+      rt.sync_event(table->ready);
+      table->known_complete = true;
+    }
+  } else if (plan.capture_table && plan.capture_table->capture_id == capture.id) {
+    table = plan.capture_table;
+  } else {
+    table = upload_table(rt, plan, device, stream, capture.id);
+    plan.capture_table = table;
+  }
+  rt.retain_in_graph(capture.graph,
+                     [keep = std::shared_ptr<const DeviceTable>(table)]() mutable noexcept {
+                       release_table(std::move(keep));
+                     });
+  return {table->params, table->emas, table->rows};
 }
 
 void run_plan(const Plan& plan, const UpdateArgs& args) {

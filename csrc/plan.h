@@ -15,8 +15,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
+
+#include "device_runtime.h"
 
 namespace fused_ema {
 
@@ -95,12 +98,14 @@ struct TensorKey {
   uintptr_t ptr;
   int64_t numel;
   int64_t meta;        // dtype, device, contiguity
-  uint64_t shape_hash;
+  uint64_t shape_hash; // sizes and strides
   bool operator==(const TensorKey& o) const {
     return ptr == o.ptr && numel == o.numel && meta == o.meta && shape_hash == o.shape_hash;
   }
   bool operator!=(const TensorKey& o) const { return !(*this == o); }
 };
+
+struct DeviceTable;
 
 struct Plan {
   int64_t num_tensors = 0;
@@ -113,12 +118,36 @@ struct Plan {
   std::vector<Row> rows;
   std::vector<int64_t> row_offsets;  // elements before each row, then the total (CPU balance)
 
-  // CUDA only: the three arrays above in one device buffer (cudaMalloc'd: its
-  // cudaFree waits for kernels on every stream that may still read it).
-  std::shared_ptr<void> device_table;
-  const ParamSlot* device_params = nullptr;
-  const EmaSlot* device_emas = nullptr;
-  const Row* device_rows = nullptr;
+  // CUDA only: the three arrays above in device memory, uploaded when the plan
+  // is built outside graph capture, else on first use (device_table_for_launch). `table` serves every launch outside graph
+  // capture; `capture_table` was uploaded inside the capture `capture_table->
+  // capture_id` and serves that capture only (its copy runs when the graph does).
+  mutable std::mutex table_mutex;
+  mutable std::shared_ptr<DeviceTable> table;
+  mutable std::shared_ptr<DeviceTable> capture_table;
+};
+
+// One upload of a plan's table: [ParamSlot x n][EmaSlot x K*n][Row x rows] in
+// device memory from the caching allocator, freed stream-ordered (no device
+// sync) when the last owner lets go. Owners: the plan, and every CUDA graph
+// that captured a launch reading it, so a replay never reads freed memory.
+struct DeviceTable {
+  device::Runtime* runtime = nullptr;  // the runtime that made it (and destroys `ready`)
+  at::DataPtr memory;
+  at::DataPtr staging;           // pinned source, kept only when the copy was captured
+  device::Stream stream = nullptr;  // the upload is ordered on this stream
+  device::Event ready = nullptr;    // recorded after the upload (uploads outside capture)
+  unsigned long long capture_id = 0;  // != 0: uploaded inside this capture
+  bool known_complete = false;        // the host waited for `ready`
+  std::vector<device::Stream> waited_streams;  // other streams ordered after the upload
+  const ParamSlot* params = nullptr;
+  const EmaSlot* emas = nullptr;
+  const Row* rows = nullptr;
+
+  DeviceTable() = default;
+  DeviceTable(const DeviceTable&) = delete;
+  DeviceTable& operator=(const DeviceTable&) = delete;
+  ~DeviceTable();
 };
 
 // Validates the tensors (nothing is written) and builds the plan. `emas` holds
@@ -131,6 +160,9 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
 // CUDA, the upload of the table.
 std::shared_ptr<const Plan> cached_plan(at::TensorList emas, at::TensorList params,
                                         int64_t num_decays);
+
+// Drops every cached plan (their device tables are freed, stream-ordered).
+void clear_plan_cache();
 
 std::vector<TensorKey> plan_key(at::TensorList emas, at::TensorList params);
 
@@ -148,8 +180,24 @@ void run_plan(const Plan& plan, const UpdateArgs& args);
 // Per-device kernels (ema_cpu.cpp, ema_cuda.cu).
 void ema_update_cpu(const Plan& plan, const UpdateArgs& args);
 void ema_update_cuda(const Plan& plan, const UpdateArgs& args);
-// Copies a host table to new device memory (refuses during CUDA graph capture).
-std::shared_ptr<void> upload_table_cuda(const void* src, size_t bytes, c10::Device device);
+
+// The plan's device table, ready for a kernel launched on `stream` right after
+// this call (through device::runtime()). Uploads it on first use, stream-ordered;
+// orders another stream after the upload with an event; inside graph capture
+// hands the graph a reference to the table (uploading a capture-only table if
+// the plan has none yet). No cudaMalloc, cudaFree or device sync; the one host
+// wait is on the first use inside a capture of a table uploaded before it.
+struct DeviceView {
+  const ParamSlot* params;
+  const EmaSlot* emas;
+  const Row* rows;
+};
+DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream stream);
+
+// Tables released by CUDA graphs wait here (the runtime's release callback may
+// not call CUDA) and are freed by the next device_table_for_launch outside capture.
+void free_released_tables();
+size_t num_released_tables();
 
 C10_HOST_DEVICE inline int dtype_size(DType d) {
   return d == DType::Double ? 8 : d == DType::Float ? 4 : 2;

@@ -23,6 +23,35 @@ def _span(t: torch.Tensor):
     return begin, begin + t.numel() * t.element_size()
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill numel slots of memory in some order."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_dense_and_aligned(t: torch.Tensor, name: str, check_memory: bool) -> None:
+    """The compiled kernels walk a dense tensor's storage as one flat array."""
+    if not (t.is_contiguous() or _is_dense(t)):
+        raise ValueError(f"fused_ema: {name} is neither contiguous nor dense (strides "
+                         f"{list(t.stride())}); pass contiguous or dense (e.g. channels_last) "
+                         "tensors")
+    if check_memory and t.data_ptr() % t.element_size():
+        raise ValueError(f"fused_ema: {name} starts at address {hex(t.data_ptr())}, which is not "
+                         f"a multiple of its element size ({t.element_size()} bytes); copy it "
+                         "into a tensor of its own")
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides wherever they matter (a dimension of size 1 has any stride)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
              check_memory: bool = True):
     """Raises for anything the update cannot do; writes nothing.
@@ -58,8 +87,7 @@ def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[
             raise TypeError(
                 f"fused_ema: params[{i}] has dtype {p.dtype}; params must be float32, float16, "
                 "bfloat16 or float64")
-        if not p.is_contiguous():
-            raise ValueError(f"fused_ema: params[{i}] is not contiguous; pass contiguous params")
+        _check_dense_and_aligned(p, f"params[{i}]", check_memory)
         if check_memory and p.numel():
             param_spans.append((*_span(p), -1, i))
         for k, emas in enumerate(emas_per_decay):
@@ -79,9 +107,12 @@ def validate(emas_per_decay: Sequence[Sequence[torch.Tensor]], params: Sequence[
                 raise TypeError(
                     f"fused_ema: {name} has dtype {e.dtype}; an EMA must be float32, float16, "
                     "bfloat16 or float64")
-            if not e.is_contiguous():
+            _check_dense_and_aligned(e, name, check_memory)
+            if not _same_layout(e, p):
                 raise ValueError(
-                    f"fused_ema: {name} is not contiguous; the EMA must be a contiguous tensor")
+                    f"fused_ema: {name} has strides {list(e.stride())} but params[{i}] has "
+                    f"strides {list(p.stride())}; an EMA must have its param's memory layout "
+                    "(make it with param.detach().clone())")
             if check_memory and e.numel():
                 ema_spans.append((*_span(e), k, i))
     if not check_memory:

@@ -152,7 +152,7 @@ class EMAPlan:
             self._plan = _ext._C.Plan(flat, params, self.num_decays)
 
     def _tensor_keys(self):
-        return [(t.data_ptr(), t.shape, t.dtype, t.device)
+        return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
                 for t in self.params + [e for emas in self.emas_per_decay for e in emas]]
 
     @property

@@ -115,13 +115,108 @@ def test_cuda_graph_capture():
         torch.testing.assert_close(e.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_first_call_inside_capture_is_a_clear_error():
-    emas, params = cuda(make([10], torch.float32, torch.float32, seed=3)[0]), \
-        cuda(make([10], torch.float32, torch.float32, seed=4)[1])
+def test_first_call_inside_capture_works():
+    emas, params = make([10, CHUNK + 1], torch.float32, torch.float32, seed=3)
+    expected = [reference(reference(e, p, 0.5).float(), p, 0.5) for e, p in zip(emas, params)]
+    emas, params = cuda(emas), cuda(params)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="warm-up"):
-        with torch.cuda.graph(graph):
-            ema_update_(emas, params, 0.5)
+    with torch.cuda.graph(graph):  # the plan's table is uploaded inside the graph
+        ema_update_(emas, params, 0.5)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, ref in zip(emas, expected):
+        torch.testing.assert_close(e.double().cpu(), ref, **tolerances(torch.float32))
+
+
+def thrash(count, seed=100):
+    """Updates `count` other tensor lists once each (evicting cached plans)."""
+    for i in range(count):
+        e, p = make([i + 1], torch.float32, torch.float32, seed=seed + i)
+        ema_update_(cuda(e), cuda(p), 0.9)
+
+
+def test_captured_graph_keeps_its_table_after_eviction():
+    """Issue 9 item 2: replay after the plan was evicted reads a live table."""
+    emas, params = make([3, 1000, CHUNK + 3], torch.float32, torch.float32, seed=5)
+    expected = emas
+    for _ in range(3):
+        expected = [reference(e, p, 0.5).float() for e, p in zip(expected, params)]
+    emas, params = cuda(emas), cuda(params)
+    decay = torch.tensor(0.5, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ema_update_(emas, params, decay)  # warm-up: the plan and its table
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema_update_(emas, params, decay)
+    thrash(80)  # more lists than the plan cache holds
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    thrash(80, seed=1000)  # reuses freed memory
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, ref in zip(emas, expected):
+        torch.testing.assert_close(e.double().cpu(), ref.double(), **tolerances(torch.float32))
+    del graph
+    thrash(1)  # frees the released table
+
+
+def test_many_lists_in_turn_allocate_no_new_device_memory():
+    """Issue 9 item 3: past warm-up, cycling lists (more than the cache holds, too) makes
+    no cudaMalloc (the caching allocator's segment count stays put) and no sync."""
+    lists = [[cuda(t) for t in make([i + 1, 7], torch.float32, torch.float32, seed=i)]
+             for i in range(80)]
+    for _ in range(2):
+        for emas, params in lists:
+            ema_update_(emas, params, 0.9)
+    torch.cuda.synchronize()
+    segments = torch.cuda.memory_stats()["segment.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            for emas, params in lists:
+                ema_update_(emas, params, 0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+
+
+def test_plan_used_on_another_stream_right_after_building():
+    emas, params = make([5, CHUNK + 2], torch.float32, torch.float32, seed=7)
+    expected = [reference(e, p, 0.25) for e, p in zip(emas, params)]
+    emas, params = cuda(emas), cuda(params)
+    torch.cuda.synchronize()
+    plan = EMAPlan(emas, params)  # upload ordered on the current stream
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # no wait_stream: the plan orders s after its upload
+        plan.update_(0.25)
+    torch.cuda.synchronize()
+    for e, ref in zip(emas, expected):
+        torch.testing.assert_close(e.double().cpu(), ref, **tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last(dtype):
+    param = torch.randn(4, 6, 5, 3, dtype=torch.float32).to(dtype)
+    ema = torch.randn(4, 6, 5, 3).to(dtype)
+    expected = reference(ema, param, 0.9)
+    param = param.cuda().to(memory_format=torch.channels_last)
+    ema = ema.cuda().to(memory_format=torch.channels_last)
+    ema_update_([ema], [param], 0.9)
+    torch.testing.assert_close(ema.double().cpu(), expected, **tolerances(dtype))
+
+
+def test_misaligned_cuda_tensor_is_rejected():
+    storage = torch.zeros(64, dtype=torch.uint8, device="cuda").untyped_storage()
+    t = torch.empty(0, device="cuda")
+    t.set_(storage[1:33], 0, (8,), (1,))
+    with pytest.raises(ValueError, match=r"params\[0\] starts at address .* not a multiple"):
+        ema_update_([torch.zeros(8, device="cuda")], [t], 0.5)
 
 
 def test_multi_decay_equals_separate_updates():

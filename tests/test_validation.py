@@ -67,12 +67,16 @@ def test_integer_params(engine):
 
 
 def test_non_contiguous(engine):
+    # Dense layouts are accepted when EMA and param share them (see test_layouts.py).
     emas, params = good()
-    expect(ValueError, r"emas\[2\] is not contiguous",
+    expect(ValueError, r"emas\[2\] has strides \[1, 6\] but params\[2\] has strides \[4, 1\]",
            emas + [torch.zeros(4, 6).t()], params + [torch.zeros(6, 4)])
     emas, params = good()
-    expect(ValueError, r"params\[2\] is not contiguous",
+    expect(ValueError, r"emas\[2\] has strides \[4, 1\] but params\[2\] has strides \[1, 6\]",
            emas + [torch.zeros(6, 4)], params + [torch.zeros(4, 6).t()])
+    emas, params = good()
+    expect(ValueError, r"params\[2\] is neither contiguous nor dense",
+           emas + [torch.zeros(3)], params + [torch.zeros(6)[::2]])
 
 
 def test_ema_aliasing_its_param(engine):
