@@ -151,10 +151,12 @@ def configure_cuda() -> bool:
     # a wrapper script there made it guess wrong (no libcudart to link).
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc)
-        note(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST="
-             f"{os.environ['TORCH_CUDA_ARCH_LIST']} with the CUDA {release} toolkit at {home}")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs and not torch.cuda.is_available():
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc)
+        archs += " (the default: no GPU visible)"
+    note(f"building the CUDA kernels with the CUDA {release} toolkit at {home} for "
+         f"{archs or 'the visible GPU'}")
     return True
 
 
