@@ -31,18 +31,25 @@ std::optional<DType> to_dtype(at::ScalarType t) {
   }
 }
 
-TensorKey key_of(const at::Tensor& t) {
+// Read straight from the TensorImpl: this runs for every tensor on every
+// update of a bound plan, so it reads the const data pointer (Tensor::data_ptr() is a mutable
+// access with copy-on-write checks) and skips the Tensor wrappers.
+C10_ALWAYS_INLINE TensorKey key_of(const c10::TensorImpl& t) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the sizes
-  for (int64_t s : t.sizes()) {
+  const c10::IntArrayRef sizes = t.sizes();
+  for (int64_t s : sizes) {
     h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
   }
-  h = (h ^ static_cast<uint64_t>(t.dim())) * 1099511628211ull;
-  const int64_t meta = static_cast<int64_t>(t.scalar_type()) |
-                       (static_cast<int64_t>(t.device().type()) << 8) |
-                       (static_cast<int64_t>(t.device().index() + 1) << 16) |
+  h = (h ^ static_cast<uint64_t>(sizes.size())) * 1099511628211ull;
+  const c10::Device device = t.device();
+  const int64_t meta = static_cast<int64_t>(c10::typeMetaToScalarType(t.dtype())) |
+                       (static_cast<int64_t>(device.type()) << 8) |
+                       (static_cast<int64_t>(device.index() + 1) << 16) |
                        (static_cast<int64_t>(t.is_contiguous()) << 32);
-  return {reinterpret_cast<uintptr_t>(t.data_ptr()), t.numel(), meta, h};
+  return {reinterpret_cast<uintptr_t>(t.data()), t.numel(), meta, h};
 }
+
+C10_ALWAYS_INLINE TensorKey key_of(const at::Tensor& t) { return key_of(*t.unsafeGetTensorImpl()); }
 
 void check_shape_and_layout(const at::Tensor& ema, const at::Tensor& param,
                             const std::string& ename, const std::string& pname,
@@ -216,17 +223,23 @@ void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList pa
   TORCH_CHECK(static_cast<int64_t>(params.size()) == n &&
                   static_cast<int64_t>(emas.size()) == n * plan.num_decays,
               "fused_ema: the plan was built for other tensor lists");
+  // The hot loop only compares; the message is built after the first mismatch.
+  const TensorKey* expected = plan.key.data();
+  int64_t bad = -1;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(key_of(params[i]) == plan.key[i], "fused_ema: ", param_name(i),
-                " was replaced or resized since the plan was built (its storage, shape, "
-                "dtype or layout changed); build a new EMAPlan");
+    if (C10_UNLIKELY(key_of(params[i]) != expected[i])) { bad = i; break; }
   }
-  for (int64_t j = 0; j < n * plan.num_decays; ++j) {
-    TORCH_CHECK(key_of(emas[j]) == plan.key[n + j], "fused_ema: ",
-                ema_name(plan.num_decays, j / n, j % n),
-                " was replaced or resized since the plan was built (its storage, shape, "
-                "dtype or layout changed); build a new EMAPlan");
+  if (bad < 0) {
+    for (int64_t j = 0; j < n * plan.num_decays; ++j) {
+      if (C10_UNLIKELY(key_of(emas[j]) != expected[n + j])) { bad = n + j; break; }
+    }
   }
+  if (C10_LIKELY(bad < 0)) return;
+  const std::string name = bad < n ? param_name(bad)
+                                   : ema_name(plan.num_decays, (bad - n) / n, (bad - n) % n);
+  TORCH_CHECK(false, "fused_ema: ", name,
+              " was replaced or resized since the plan was built (its storage, shape, "
+              "dtype or layout changed); build a new EMAPlan");
 }
 
 namespace {
