@@ -9,10 +9,9 @@ few nanoseconds per tensor and no Python loop over tensors.
 """
 import operator
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from . import _ext, distributed, functional
 from .functional import EMAPlan
@@ -324,3 +323,41 @@ def _float_call(plan: EMAPlan):
     if bound is not None:
         return bound.update_
     return lambda decays, decay_tensor, skip: plan.update_(decays, skip)
+
+
+class ListRun:
+    """An update from a parameter list laid out as the EMA's parameters (``update(params)``)
+    rather than from the bound model: through the functional path, whose C++ plan cache
+    makes a list given again cheap. ``pairs``: (tensor, EMA tensors per decay, kind)."""
+    cross = False
+
+    def __init__(self, pairs, num_decays: int, device: torch.device):
+        groups = []
+        for kind in ("average", "copy"):
+            sel = [(t, es) for t, es, k in pairs if k == kind]
+            if not sel:
+                continue
+            for t, es in sel:
+                if any(e.stride() != t.stride() and t.numel() > 1 for e in es):
+                    raise ValueError("fused_ema: a tensor of the list has another memory "
+                                     "layout than its EMA (strides differ); pass tensors "
+                                     "laid out as the model's")
+            ps = [flat(t) for t, _ in sel]
+            es = [[flat(es[k]) for _, es in sel] for k in range(num_decays)]
+            groups.append((kind, ps, es))
+        self._groups = groups
+        self._others = [(t, es) for t, es, k in pairs if k == "other"]
+        self._zeros = [0.0] * num_decays
+
+    def run(self, decays, skip, start: int = 0) -> None:
+        host = type(decays) is list
+        zeros = self._zeros if host else torch.zeros_like(decays)
+        for kind, ps, es in self._groups:
+            functional.multi_ema_update_(es, ps, decays if kind == "average" else zeros,
+                                         skip=skip)
+        with torch.no_grad():
+            for t, es in self._others:
+                for e in es:
+                    e.copy_(t if skip is None else torch.where(skip.reshape(()) != 0, e, t))
+
+    run_traced = run

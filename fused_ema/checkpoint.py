@@ -23,7 +23,7 @@ ADOPTABLE = ("decays", "update_after_step", "update_every")
 
 
 def settings(ema) -> Dict[str, Any]:
-    return {
+    out = {
         "decays": [s.settings() for s in ema._schedules],
         "update_after_step": ema.update_after_step,
         "update_every": ema.update_every,
@@ -31,6 +31,9 @@ def settings(ema) -> Dict[str, Any]:
         "ema_dtype": None if ema.ema_dtype is None else str(ema.ema_dtype),
         "exclude": list(ema._selection.excluded),
     }
+    if ema._copy_patterns:  # only when given: older checkpoints keep loading
+        out["copy"] = list(ema._copy_patterns)
+    return out
 
 
 def state_dict(ema) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ A thin class over parts that each do one job:
 * ``options``    the settings, checked (decays become schedules);
 * ``selection``  what happens to each tensor (averaged, copied, excluded): a pure
                  function of the model and the options;
-* ``ema_model``  building the EMA copy;
+* ``ema_copy``   building the EMA copy;
 * ``binding``    the per-step update: plans built once, a C++ check that the model still
                  holds the same tensors, the run;
 * ``checkpoint`` ``state_dict`` / ``load_state_dict``;
@@ -14,6 +14,7 @@ A thin class over parts that each do one job:
 This file holds the state (step counter, EMA copies, the current binding) and the
 public methods.
 """
+import numbers
 import re
 import warnings
 from contextlib import contextmanager
@@ -22,13 +23,21 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, ema_model, optim_hook, selection
-from .binding import Binding, Stale, match, model_device
+from . import checkpoint, distributed, ema_copy, optim_hook, selection
+from .binding import Binding, ListRun, Stale, match, model_device
 from .options import FLOAT_DTYPES, DecayLike, Options, constant_decays
 from .schedules import Schedule
 from .selection import unwrap
 
 __all__ = ["FusedEMA"]
+
+
+def _check_step(value) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"fused_ema: step must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 class FusedEMA:
@@ -63,6 +72,13 @@ class FusedEMA:
         device: where the EMA lives (default: the model's device). Another device, e.g.
             ``"cpu"`` for a CUDA model, saves accelerator memory; each update then copies the
             weights over first.
+        copy: names or patterns (as ``exclude``) of floating tensors to copy rather than
+            average (ema-pytorch's ``param_or_buffer_names_no_ema``), e.g.
+            ``["*.running_mean", "*.running_var"]`` with ``buffers="average"``.
+        ema_model: the EMA model to use instead of a deep copy (one module per decay), for
+            models ``copy.deepcopy`` refuses (weight norm, hooks, non-leaf attributes): a
+            module with the model's parameter and buffer names and shapes; its tensors take
+            the model's values (EMA dtype and device) and it is frozen and put in eval mode.
 
     The step counter counts calls to ``update`` (optimizer steps, with ``attach``). A
     schedule is evaluated at ``step - update_after_step``, so ``Warmup`` and ``Cosine``
@@ -87,6 +103,8 @@ class FusedEMA:
         exclude: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
         capturable: bool = False,
         device: Optional[Union[str, torch.device]] = None,
+        copy: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
+        ema_model: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
     ):
         opts = Options.check(decay, tau, decays, update_after_step, update_every, ema_dtype,
                              buffers, capturable)
@@ -114,7 +132,10 @@ class FusedEMA:
         else:
             raise TypeError(f"fused_ema: expected an nn.Module or an iterable of tensors, got "
                             f"{type(model).__name__}")
-        self._selection = selection.select(sources, buffers=self.buffers, exclude=exclude)
+        self._selection = selection.select(sources, buffers=self.buffers, exclude=exclude,
+                                           copy=copy)
+        self._copy_patterns = [p for p, _ in selection.compile_patterns(copy, "copy")]
+        given = self._given_modules(ema_model, sources)
         self._known_order = [s.name for s in sources]
         self._known = set(self._known_order)
         if "average" not in self._selection.kinds:
@@ -129,16 +150,19 @@ class FusedEMA:
             raise ValueError(
                 f"fused_ema: capturable=True needs the EMA on the model's device ({first.device}),"
                 f" not {self._device}: a cross-device update cannot avoid a host sync")
-        ema_model.warn_if_frozen_by_rounding(sources, self._schedules, self.update_every,
+        ema_copy.warn_if_frozen_by_rounding(sources, self._schedules, self.update_every,
                                              self.ema_dtype)
         self.modules: Optional[List[nn.Module]] = None
         self._bare_emas: Optional[List[List[torch.Tensor]]] = None
-        if self._model is not None:
-            self.modules = [ema_model.copy_module(self._model, sources, self._device,
+        if given is not None:
+            self.modules = [ema_copy.adopt_module(m, sources, theirs, self._device,
+                                                  self.ema_dtype) for m, theirs in given]
+        elif self._model is not None:
+            self.modules = [ema_copy.copy_module(self._model, sources, self._device,
                                                   self.ema_dtype)
                             for _ in range(self.num_decays)]
         else:
-            self._bare_emas = [ema_model.copy_list(sources, self._device, self.ema_dtype)
+            self._bare_emas = [ema_copy.copy_list(sources, self._device, self.ema_dtype)
                                for _ in range(self.num_decays)]
 
         # -- the step counter and the plans
@@ -148,7 +172,27 @@ class FusedEMA:
         self._attached: Dict[int, optim_hook.Handle] = {}
         self._const = constant_decays(self._schedules, self.update_every)
         self._binding: Optional[Binding] = None
+        self._stored = None  # store() / restore()
         self._bind()
+
+    def _given_modules(self, ema_model, sources):
+        """(module, its sources) for each user-supplied EMA model, all checked; None when
+        the EMA copies are to be built."""
+        if ema_model is None:
+            return None
+        if self._model is None:
+            raise TypeError("fused_ema: ema_model= needs a model (an nn.Module), not a list "
+                            "of tensors")
+        mods = [ema_model] if isinstance(ema_model, nn.Module) else list(ema_model)
+        if len(mods) != self.num_decays:
+            raise ValueError(f"fused_ema: ema_model= gives {len(mods)} module(s) for "
+                             f"{self.num_decays} decay(s); pass one module per decay")
+        if len({id(m) for m in mods}) != len(mods):
+            raise ValueError("fused_ema: ema_model= gives the same module twice; each decay "
+                             "needs its own")
+        single = len(mods) == 1 and isinstance(ema_model, nn.Module)
+        return [(m, ema_copy.check_given_module(self._model, m, sources, -1 if single else k))
+                for k, m in enumerate(mods)]
 
     # ------------------------------------------------------------------ properties
 
@@ -163,6 +207,12 @@ class FusedEMA:
         if self.capturable:
             return int(self._step_t.item())
         return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """Sets the counter (a resume that restored only the EMA weights): the next
+        ``update`` applies the decay of step ``value``."""
+        self._set_step(_check_step(value))
 
     @property
     def schedules(self) -> List[Schedule]:
@@ -303,24 +353,31 @@ class FusedEMA:
         return ds
 
     def update(self, model: Optional[nn.Module] = None, *,
-               skip: Optional[torch.Tensor] = None) -> None:
+               skip: Optional[torch.Tensor] = None, step: Optional[int] = None) -> None:
         """One update from the model's current weights (all tensors in one fused call).
 
         ``model``: update from this model instead (matched by name; DDP and torch.compile
-        wrappers of the EMA's model are the same model). ``skip``: a 0-d tensor, e.g. a
+        wrappers of the EMA's model are the same model), or from a parameter list laid out
+        as the model's ``parameters()`` (torch_ema's ``update(parameters)``). ``skip``: a 0-d tensor, e.g. a
         GradScaler's found-inf: when non-zero nothing changes (read on the device, no sync).
         A skipped step is not counted when the flag can be read for free (a CPU tensor) or
         with ``capturable=True``; a CUDA flag without ``capturable`` still advances the step
-        counter, as reading it would need a host sync.
+        counter, as reading it would need a host sync. ``step``: the optimizer step this
+        update is for (timm, diffusers): the counter is set to it first, so the update
+        applies the decay of that step.
         """
+        if step is not None:
+            self._set_step(_check_step(step))
         compiling = torch.compiler.is_compiling()
         b = self._binding
-        if model is not None and unwrap(model) is not self._model:
+        if model is not None and not isinstance(model, nn.Module):
+            b = self._list_run(model)
+        elif model is not None and unwrap(model) is not self._model:
             if self._model is None:
                 raise TypeError("fused_ema: this FusedEMA averages a list of tensors; "
                                 "update() takes no model")
             b = self._bind(model)
-        elif not compiling and not b.intact():
+        elif not compiling and (b is None or not b.intact()):
             b = self._bind()
         if skip is not None and not isinstance(skip, torch.Tensor):
             skip = torch.tensor(bool(skip))
@@ -341,6 +398,13 @@ class FusedEMA:
                 skip = skip.to(self._device)
         self._run(b, decays, skip)
         self._step = s + 1
+
+    def _list_run(self, tensors) -> ListRun:
+        """The update from a parameter list of the EMA's layout (``update(params)``)."""
+        per_decay = [self._list_pairs(tensors, k, "update()") for k in range(self.num_decays)]
+        pairs = [(t, [per_decay[k][i][1] for k in range(self.num_decays)], kind)
+                 for i, (t, _, kind) in enumerate(per_decay[0])]
+        return ListRun(pairs, self.num_decays, self._device)
 
     def _run(self, b: Binding, decays, skip) -> None:
         start = 0
@@ -389,25 +453,98 @@ class FusedEMA:
 
     # ------------------------------------------------------------------ swap and copy
 
+    def _ema_params(self, index: int) -> List[Tuple[str, torch.Tensor]]:
+        """(name, EMA tensor) of each parameter in ``model.parameters()`` order (for a list of
+        tensors: its order): the layout a parameter list must have."""
+        if self.modules is None:
+            return list(zip(self._known_order, self._bare_emas[index]))
+        return [(s.name, s.tensor) for s in selection.walk(self.modules[index]) if s.is_param]
+
+    def _list_pairs(self, tensors, index: int, what: str) -> List[Tuple[torch.Tensor, ...]]:
+        """(tensor, EMA tensor, kind) for a parameter list of the EMA's layout, checked
+        (count, types, shapes) before anything is read or written; excluded ones dropped."""
+        tensors = list(tensors)
+        ours = self._ema_params(index)
+        if len(tensors) != len(ours):
+            raise ValueError(f"fused_ema: {what} got {len(tensors)} tensors but this EMA has "
+                             f"{len(ours)} parameters; pass a list laid out as the model's "
+                             "parameters()")
+        roles = self._selection.roles
+        out = []
+        for i, (t, (n, e)) in enumerate(zip(tensors, ours)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"fused_ema: {what}: item {i} is {type(t).__name__}, not a "
+                                "tensor")
+            if t.shape != e.shape:
+                raise ValueError(f"fused_ema: {what}: item {i} has shape {list(t.shape)} but "
+                                 f"the EMA of '{n}' has {list(e.shape)}")
+            if roles.get(n, "average") in ("average", "copy", "other"):
+                out.append((t, e, roles.get(n, "average")))
+        return out
+
     def _pairs_for(self, model, index: int):
         if index < 0 or index >= self.num_decays:
             raise IndexError(f"fused_ema: index {index} out of range for {self.num_decays} EMA(s)")
+        if model is not None and not isinstance(model, nn.Module):
+            return [(t, e) for t, e, _ in self._list_pairs(model, index, "a parameter list")]
         if model is None or (self._model is not None and unwrap(model) is self._model):
             b = self._ensure_bound()
             return list(zip(b.srcs, b.emas[index]))
         if self._model is None:
-            raise TypeError("fused_ema: this FusedEMA averages a list of tensors; copy_to and "
-                            "swapped take no model")
+            raise TypeError("fused_ema: this FusedEMA averages a list of tensors; pass a list "
+                            "of tensors, not a module")
         srcs, _ = self._match(model)
-        return list(zip(srcs, self._binding.emas[index]))
+        return list(zip(srcs, self._ensure_bound().emas[index]))
+
+    def _target(self, model):
+        return self._model if model is None else (model if isinstance(model, nn.Module)
+                                                   else None)
 
     @torch.no_grad()
-    def copy_to(self, model: Optional[nn.Module] = None, index: int = 0) -> None:
-        """Writes the EMA weights (and tracked buffers) into ``model`` (default: the online
-        model)."""
+    def copy_to(self, model=None, index: int = 0) -> None:
+        """Writes the EMA weights (and tracked buffers) into ``model``: the online model
+        (default), another model of the same names, or a parameter list laid out as the
+        model's ``parameters()`` (torch_ema's ``copy_to(parameters)``)."""
         for t, e in self._pairs_for(model, index):
             t.copy_(e)
-        distributed.reshard(self._model if model is None else model)
+        distributed.reshard(self._target(model))
+
+    @torch.no_grad()
+    def set(self, model=None) -> None:
+        """Copies the model (default: the online model; or a model of the same names, or a
+        parameter list of the model's layout) into every EMA: timm's ``set``, a hard
+        update. The step counter is kept (``reset()`` also zeroes it)."""
+        pairs = [self._pairs_for(model, k) for k in range(self.num_decays)]
+        for per_decay in pairs:
+            for t, e in per_decay:
+                e.copy_(t)
+
+    def reset(self) -> None:
+        """Starts the average again: the EMA becomes the online model, the step counter 0."""
+        self.set()
+        self._set_step(0)
+
+    @torch.no_grad()
+    def store(self, model=None) -> None:
+        """Saves the online model's weights (and tracked buffers), or a given parameter
+        list's, for ``restore()`` (torch_ema, diffusers): ``store(); copy_to(); evaluate;
+        restore()``. ``swapped()`` does the three in one block."""
+        pairs = self._pairs_for(model, 0)
+        self._stored = ([t for t, _ in pairs], [t.detach().clone() for t, _ in pairs],
+                        self._target(model))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Writes back what ``store()`` saved (once: a second ``restore`` needs a new
+        ``store``)."""
+        stored = getattr(self, "_stored", None)
+        if stored is None:
+            raise RuntimeError("fused_ema: restore() without store(); call ema.store() before "
+                               "copying the EMA into the model")
+        for t, saved in zip(stored[0], stored[1]):
+            t.copy_(saved)
+        self._stored = None
+        distributed.reshard(stored[2])
 
     @contextmanager
     def swapped(self, model: Optional[nn.Module] = None, index: int = 0):
@@ -429,7 +566,74 @@ class FusedEMA:
             with torch.no_grad():
                 for (t, _), b in zip(pairs, saved):
                     t.copy_(b)
-            distributed.reshard(self._model if model is None else model)  # drop gathered EMA
+            distributed.reshard(self._target(model))  # drop gathered EMA
+
+    # ------------------------------------------------------------------ device, dtype, pickling
+
+    def to(self, device: Optional[Union[str, torch.device]] = None,
+           dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> "FusedEMA":
+        """Moves the EMA (every decay's copy) to ``device`` and / or casts its floating
+        tensors to ``dtype``. A device other than the model's keeps the EMA there (each
+        update copies the weights over first, as with ``FusedEMA(device=...)``)."""
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fused_ema: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        new_device = self._device if device is None else torch.device(device)
+        if new_device.type == "cuda" and new_device.index is None:
+            new_device = torch.device("cuda", torch.cuda.current_device())
+        b = self._ensure_bound()
+        src_device = model_device(b.names, self._selection.kinds, b.srcs)
+        if self.capturable and new_device != src_device:
+            raise ValueError(f"fused_ema: capturable=True needs the EMA on the model's device "
+                             f"({src_device}), not {new_device}")
+        distributed.check_device(src_device, new_device,
+                                 [t for t, k in zip(b.srcs, self._selection.kinds)
+                                  if k != "other"])
+        self._retensor(lambda e: e.to(device=new_device,
+                                      dtype=dtype if e.is_floating_point() else None,
+                                      non_blocking=non_blocking))
+        if device is not None:
+            self._device, self._device_explicit = new_device, new_device != src_device
+            if self._step_t is not None:
+                self._step_t = self._step_t.to(new_device)
+        if dtype is not None:
+            self.ema_dtype = dtype
+        self._bind()
+        return self
+
+    def pin_memory(self) -> "FusedEMA":
+        """Puts a CPU EMA in pinned (page-locked) memory: the staging copies of a CUDA model's
+        weights then run without an extra host copy."""
+        if self._device.type != "cpu":
+            raise ValueError(f"fused_ema: pin_memory() is for an EMA in host memory; this one "
+                             f"is on {self._device}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("fused_ema: pin_memory() needs CUDA (pinned memory is for "
+                               "copies to a GPU)")
+        self._retensor(lambda e: e.pin_memory())
+        self._bind()
+        return self
+
+    @torch.no_grad()
+    def _retensor(self, fn) -> None:
+        """``e.data = fn(e)`` for every EMA tensor (the objects stay: modules keep theirs)."""
+        if self.modules is not None:
+            tensors = [s.tensor for m in self.modules for s in selection.walk(m)]
+        else:
+            tensors = [e for emas in self._bare_emas for e in emas]
+        new = [fn(e.data) for e in tensors]  # all made before any is replaced
+        for e, d in zip(tensors, new):
+            e.data = d
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The binding (compiled plans, identity watch) is a cache rebuilt on first use;
+        # optimizer hooks stay with the object that registered them.
+        state = self.__dict__.copy()
+        state["_binding"] = None
+        state["_attached"] = {}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ state dict
 
@@ -438,10 +642,12 @@ class FusedEMA:
         or name -> tensor for a list of tensors), the step counter and the settings."""
         return checkpoint.state_dict(self)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
         """Loads a ``state_dict()``; checks everything first (settings, names, shapes,
-        dtypes) and raises naming what differs, with nothing modified."""
-        checkpoint.load_state_dict(self, state_dict)
+        dtypes) and raises naming what differs, with nothing modified. ``strict=False``
+        adopts the checkpoint's decays, ``update_after_step`` and ``update_every`` (settings
+        that do not change the tensors) with a warning instead of refusing."""
+        checkpoint.load_state_dict(self, state_dict, strict=strict)
 
     def _set_step(self, step: int) -> None:
         self._step = int(step)

@@ -8,7 +8,7 @@ import torch
 class Handle:
     """Returned by ``FusedEMA.attach``: ``remove()`` detaches the EMA from the optimizer."""
 
-    def __init__(self, ema: "FusedEMA", optimizer, handle):
+    def __init__(self, ema, optimizer, handle):
         self._ema, self._optimizer, self._handle = ema, optimizer, handle
 
     def remove(self) -> None:

@@ -42,6 +42,7 @@ class Selection:
     kinds: List[str]
     excluded: List[str]
     roles: Dict[str, str] = field(default_factory=dict)
+    forced_copy: List[str] = field(default_factory=list)  # floating tensors copy= matched
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -127,7 +128,7 @@ def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
     excl = compile_patterns(exclude, "exclude")
     copies = compile_patterns(copy, "copy")
     used = set()
-    names, kinds, excluded, roles = [], [], [], {}
+    names, kinds, excluded, roles, forced_copy = [], [], [], {}, []
     for s in sources:
         t, name = s.tensor, s.name
         hit = [p for p, match in excl if match(name)]
@@ -144,6 +145,7 @@ def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
         if t.dtype in FLOAT_DTYPES:
             if forced:
                 kind = "copy"
+                forced_copy.append(name)
             elif s.is_param:
                 frozen = isinstance(t, nn.Parameter) and not t.requires_grad
                 kind = "copy" if frozen else "average"
@@ -171,13 +173,12 @@ def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
         raise ValueError(f"fused_ema: every floating-point parameter is excluded "
                          f"(exclude={[p for p, _ in excl]}); an update would touch no "
                          "parameter")
-    return Selection(names, kinds, sorted(excluded), roles)
+    return Selection(names, kinds, sorted(excluded), roles, forced_copy)
 
 
-def refresh_frozen(selection: Selection, sources: Dict[str, torch.Tensor],
-                   forced_copy: Sequence[str] = ()) -> None:
+def refresh_frozen(selection: Selection, sources: Dict[str, torch.Tensor]) -> None:
     """Re-reads ``requires_grad`` of the parameters (``FusedEMA.replan``)."""
-    forced = set(forced_copy)
+    forced = set(selection.forced_copy)
     for i, n in enumerate(selection.names):
         if selection.kinds[i] in ("average", "copy") and n in sources and n not in forced:
             t = sources[n]

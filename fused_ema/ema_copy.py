@@ -10,7 +10,7 @@ from torch import nn
 from . import distributed
 from .options import FLOAT_DTYPES
 from .schedules import Schedule
-from .selection import Source
+from .selection import Source, walk
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -76,3 +76,53 @@ def copy_module(model: nn.Module, sources: Sequence[Source], device: torch.devic
 def copy_list(sources: Sequence[Source], device: torch.device,
               ema_dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
     return [ema_tensor(s.tensor, device, ema_dtype) for s in sources]
+
+
+def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Source],
+                       index: int) -> List[Source]:
+    """Checks a user-supplied EMA model (``FusedEMA(model, ema_model=...)``) against the
+    model: the same parameter and buffer names and shapes, no tensor shared. Returns its
+    sources in the model's order; writes nothing."""
+    what = "ema_model" if index < 0 else f"ema_model[{index}]"
+    if not isinstance(given, nn.Module):
+        raise TypeError(f"fused_ema: {what} must be an nn.Module, got {type(given).__name__}")
+    if given is model:
+        raise ValueError(f"fused_ema: {what} is the model itself; pass a separate module of "
+                         "the same structure")
+    if distributed.is_sharded(model):
+        raise ValueError("fused_ema: ema_model= is not supported for a sharded (DTensor) "
+                         "model; the EMA's module tree is built from the shards")
+    theirs = {s.name: s for s in walk(given)}
+    ours = [s.name for s in sources]
+    missing = [n for n in ours if n not in theirs]
+    extra = [n for n in theirs if n not in set(ours)]
+    if missing or extra:
+        raise ValueError(f"fused_ema: {what} does not have the model's structure: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    model_ids = {id(s.tensor) for s in sources}
+    out = []
+    for s in sources:
+        t = theirs[s.name]
+        if t.tensor.shape != s.tensor.shape:
+            raise ValueError(f"fused_ema: '{s.name}' has shape {list(t.tensor.shape)} in "
+                             f"{what} but {list(s.tensor.shape)} in the model")
+        if id(t.tensor) in model_ids or (
+                t.tensor.numel() and s.tensor.numel()
+                and t.tensor.untyped_storage().data_ptr()
+                == s.tensor.untyped_storage().data_ptr()):
+            raise ValueError(f"fused_ema: '{s.name}' of {what} shares memory with the "
+                             "model's; the EMA needs tensors of its own")
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def adopt_module(given: nn.Module, sources: Sequence[Source], theirs: Sequence[Source],
+                 device: torch.device, ema_dtype: Optional[torch.dtype]) -> nn.Module:
+    """Makes a checked user-supplied module the EMA copy: each of its tensors takes a copy of
+    the model's (EMA dtype, EMA device; the tensor objects stay), frozen, in eval mode."""
+    for s, t in zip(sources, theirs):
+        t.tensor.data = ema_tensor(s.tensor, device, ema_dtype)
+    given.requires_grad_(False)
+    given.eval()
+    return given
