@@ -149,8 +149,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _clock(device: str):
-    """The clock of torch.utils.benchmark.Timer: synchronizes first on CUDA."""
+def _clock(device: str, host_cost: bool = False):
+    """The clock of torch.utils.benchmark.Timer: synchronizes first on CUDA. For a
+    host-cost case, the calling thread's CPU time: what the update costs the host, without
+    the time slices other processes of a busy machine take in between (no kernel runs)."""
+    if host_cost:
+        return time.thread_time
     if device != "cuda":
         return timeit.default_timer
 
@@ -332,11 +336,11 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
         """Round 1: ``blocked_autorange`` per method (warm-up, block size, samples). Later
         rounds: more blocks of the same size from the same clock, without a second warm-up,
         each round visiting the methods in a rotated order."""
+        clock = _clock(device, host_cost=model in models.HOST_COST_MODELS)
         timers = {k: benchmark.Timer("step()", globals={"step": runners[k].step},
                                      num_threads=args.threads, label=model, sub_label=kind,
-                                     description=k)
+                                     description=k, timer=clock)
                   for k in keys_to_time}
-        clock = _clock(device)
         blocks = {k: timeit.Timer("step()", timer=clock, globals={"step": runners[k].step})
                   for k in keys_to_time}
         number: Dict[str, int] = {}

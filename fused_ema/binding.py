@@ -43,7 +43,7 @@ class PyIdentityWatch:
 
 
 def identity_watch(dicts, keys, objects, tensors):
-    if _ext._C is not None and all(type(d) is dict or isinstance(d, dict) for d in dicts):
+    if _ext._C is not None and all(isinstance(d, dict) for d in dicts):
         return _ext._C.IdentityWatch(list(dicts), list(keys), list(objects), list(tensors))
     return PyIdentityWatch(dicts, keys, objects, tensors)
 
@@ -331,7 +331,7 @@ class ListRun:
     makes a list given again cheap. ``pairs``: (tensor, EMA tensors per decay, kind)."""
     cross = False
 
-    def __init__(self, pairs, num_decays: int, device: torch.device):
+    def __init__(self, pairs, num_decays: int):
         groups = []
         for kind in ("average", "copy"):
             sel = [(t, es) for t, es, k in pairs if k == kind]

@@ -404,7 +404,7 @@ class FusedEMA:
         per_decay = [self._list_pairs(tensors, k, "update()") for k in range(self.num_decays)]
         pairs = [(t, [per_decay[k][i][1] for k in range(self.num_decays)], kind)
                  for i, (t, _, kind) in enumerate(per_decay[0])]
-        return ListRun(pairs, self.num_decays, self._device)
+        return ListRun(pairs, self.num_decays)
 
     def _run(self, b: Binding, decays, skip) -> None:
         start = 0
