@@ -91,6 +91,17 @@ def many_small(count: int = 2000, numel: int = 1024) -> ParamSpec:
     return [(f"t{i}", (numel,)) for i in range(count)]
 
 
+def many_tiny(count: int = 10_000) -> ParamSpec:
+    """10,000 tensors of 0 to 5 elements: the update is nearly all per-tensor host work."""
+    return [(f"t{i}", (i % 6,)) for i in range(count)]
+
+
+def many_empty(count: int = 10_000) -> ParamSpec:
+    """10,000 empty tensors: an update's host cost alone (time / 10,000 = cost per tensor,
+    what a GPU user pays on every step before the kernel runs)."""
+    return [(f"t{i}", (0,)) for i in range(count)]
+
+
 def llama_1b() -> ParamSpec:
     """TinyLlama-1.1B (Llama 2 architecture, grouped-query attention, untied head):
     201 tensors, 1,100,048,384 parameters. Behind ``--large``: about 4.4 GB per fp32 copy."""
@@ -119,11 +130,16 @@ def tiny() -> ParamSpec:
             ("emb", (129, 3))]
 
 
+# Timed by the calling thread's CPU time (runner._clock): nothing but host work runs.
+HOST_COST_MODELS = ("many_empty",)
+
 MODELS: Dict[str, Tuple[Callable[[], ParamSpec], str]] = {
     "resnet50": (resnet50, "ResNet-50"),
     "gpt2_small": (gpt2_small, "GPT-2 small"),
     "vit_b16": (vit_b16, "ViT-B/16"),
     "many_small": (many_small, "2000 x 1024"),
+    "many_tiny": (many_tiny, "10,000 x 0..5"),
+    "many_empty": (many_empty, "10,000 empty (host cost, thread CPU time)"),
     "llama_1b": (llama_1b, "TinyLlama-1.1B"),
     "tiny": (tiny, "tiny (tests)"),
 }

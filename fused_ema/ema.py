@@ -1,213 +1,44 @@
 """``FusedEMA``: a target network, momentum teacher or eval EMA updated by one fused call.
 
-A thin layer over the functional core: it copies the model, matches the model's
-tensors to the EMA's by name, sorts them into "average", "copy" and "other"
-(non-float, copied) groups, builds one ``EMAPlan`` per group once, and turns the
-decay (a float, a schedule or a callable) into this step's value. Distributed
-details (DTensor, FSDP) stay out of this file; ``named_pairs`` is the seam.
+A thin class over parts that each do one job:
+
+* ``options``    the settings, checked (decays become schedules);
+* ``selection``  what happens to each tensor (averaged, copied, excluded): a pure
+                 function of the model and the options;
+* ``ema_copy``   building the EMA copy;
+* ``binding``    the per-step update: plans built once, a C++ check that the model still
+                 holds the same tensors, the run;
+* ``checkpoint`` ``state_dict`` / ``load_state_dict``;
+* ``distributed`` the DTensor / FSDP2 seams (``named_pairs`` is the public one).
+
+This file holds the state (step counter, EMA copies, the current binding) and the
+public methods.
 """
-import copy
-import math
 import numbers
-import operator
 import re
 import warnings
 from contextlib import contextmanager
-from fnmatch import fnmatchcase
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import distributed, fallback, functional
-from .functional import EMAPlan
-from .schedules import Constant, HalfLife, Schedule
+from . import checkpoint, distributed, ema_copy, optim_hook, selection
+from .binding import Binding, ListRun, Stale, match, model_device
+from .options import FLOAT_DTYPES, DecayLike, Options, constant_decays
+from .schedules import Schedule
+from .selection import unwrap
 
 __all__ = ["FusedEMA"]
 
-FLOAT_DTYPES = fallback.FLOAT_DTYPES
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_BUFFER_MODES = ("copy", "average", "ignore")
-_FORMAT = "fused_ema.FusedEMA/1"
 
-DecayLike = Union[float, Schedule, Callable[[Any], Any]]
+def _check_step(value) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"fused_ema: step must be an integer >= 0, got {value!r}")
+    return int(value)
 
-
-# ----------------------------------------------------------------------------- helpers
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _normalize(name: str) -> str:
-    """Drops the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) wrapper prefixes."""
-    parts = name.split(".")
-    i = 0
-    while i < len(parts) - 1 and parts[i] in ("module", "_orig_mod"):
-        i += 1
-    return ".".join(p for p in parts[i:] if p != "_orig_mod")
-
-
-def _walk(module: nn.Module) -> List[Tuple[str, torch.Tensor, dict, str, bool]]:
-    """(name, tensor, container dict, key, is_param) for each parameter and buffer, once
-    (tied tensors under their first name); names have the wrapper prefixes removed."""
-    out, seen = [], set()
-    for mod_name, mod in module.named_modules():
-        prefix = mod_name + "." if mod_name else ""
-        for is_param, container in ((True, mod._parameters), (False, mod._buffers)):
-            for key, t in container.items():
-                if t is None or id(t) in seen:
-                    continue
-                seen.add(id(t))
-                out.append((prefix + key, t, container, key, is_param))
-    names = [_normalize(n) for n, *_ in out]
-    if len(set(names)) == len(names):
-        out = [(n, *rest) for n, (_, *rest) in zip(names, out)]
-    return out
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (contiguous in some dimension order, e.g. channels_last)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself when contiguous, else a 1-D view of a dense tensor in memory order."""
-    if t.is_contiguous():
-        return t
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _key(t: torch.Tensor):
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-
-def _check_unit(what: str, value: float) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        raise ValueError(f"fused_ema: {what} must be a number in [0, 1], got {value!r}")
-    return v
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-class _Callable(Schedule):
-    """A user function ``step -> decay`` (or ``step -> tau`` when ``tau=True``)."""
-
-    def __init__(self, fn: Callable, tau: bool = False):
-        self.fn, self.is_tau = fn, tau
-        self.name = getattr(fn, "__qualname__", None) or type(fn).__name__
-
-    def __call__(self, step: int) -> float:
-        value = self.fn(step)
-        if isinstance(value, torch.Tensor):
-            value = value.item()
-        value = float(value)
-        return 1.0 - value if self.is_tau else value
-
-    def tensor(self, step: torch.Tensor) -> torch.Tensor:
-        value = self.fn(step)
-        if not isinstance(value, torch.Tensor):
-            value = torch.full_like(step, float(value), dtype=torch.float64)
-        value = value.to(torch.float64)
-        return 1.0 - value if self.is_tau else value
-
-    @property
-    def max_decay(self) -> Optional[float]:
-        return None
-
-    def settings(self) -> Dict[str, Any]:
-        return {"type": "tau callable" if self.is_tau else "callable", "name": self.name}
-
-
-def _as_schedule(value, what: str) -> Schedule:
-    if isinstance(value, Schedule):
-        return value
-    if _is_number(value):
-        return Constant(_check_unit(what, value))
-    if isinstance(value, torch.Tensor):
-        raise TypeError(f"fused_ema: {what} must be a float, a schedule or a callable, got a "
-                        "tensor; use capturable=True to keep the decay on the device")
-    if callable(value):
-        return _Callable(value)
-    raise TypeError(f"fused_ema: {what} must be a float, a schedule from fused_ema.schedules "
-                    f"or a callable step -> decay, got {type(value).__name__}")
-
-
-def _tau_schedule(tau) -> Schedule:
-    if isinstance(tau, Schedule):
-        raise TypeError(
-            "fused_ema: schedules give the decay (momentum), not tau; pass the schedule as "
-            "decay=... (tau = 1 - decay)")
-    if _is_number(tau):
-        return Constant(1.0 - _check_unit("tau", tau))
-    if callable(tau) and not isinstance(tau, torch.Tensor):
-        return _Callable(tau, tau=True)
-    raise TypeError(f"fused_ema: tau must be a float or a callable step -> tau, got "
-                    f"{type(tau).__name__}")
-
-
-def _compile_patterns(exclude) -> List[Tuple[Any, Callable[[str], bool]]]:
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, re.Pattern)):
-        exclude = [exclude]
-    out = []
-    for pat in exclude:
-        if isinstance(pat, re.Pattern):
-            out.append((pat.pattern, lambda n, p=pat: p.search(n) is not None))
-        elif isinstance(pat, str):
-            norm = _normalize(pat)
-            out.append((pat, lambda n, p=norm: n == p or n.startswith(p + ".")
-                        or fnmatchcase(n, p)))
-        else:
-            raise TypeError(f"fused_ema: exclude takes names, glob patterns or re.Pattern "
-                            f"objects, got {type(pat).__name__}")
-    return out
-
-
-def _name_indices(message: str, names: Sequence[str], num_decays: int) -> str:
-    """Adds the parameter name after each ``params[i]`` / ``emas[i]`` of an engine error."""
-    def sub(m):
-        i = int(m.group(2))
-        return f"{m.group(0)} ('{names[i]}')" if i < len(names) else m.group(0)
-
-    return re.sub(r"(params|emas(?:\[\d+\])?)\[(\d+)\]", sub, message)
-
-
-class _Handle:
-    """Returned by ``FusedEMA.attach``: ``remove()`` detaches the EMA from the optimizer."""
-
-    def __init__(self, ema: "FusedEMA", optimizer, handle):
-        self._ema, self._optimizer, self._handle = ema, optimizer, handle
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self._ema._attached.pop(id(self._optimizer), None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-# ----------------------------------------------------------------------------- FusedEMA
 
 class FusedEMA:
     """An exponential moving average of a model (or of a list of tensors), updated for all
@@ -241,6 +72,13 @@ class FusedEMA:
         device: where the EMA lives (default: the model's device). Another device, e.g.
             ``"cpu"`` for a CUDA model, saves accelerator memory; each update then copies the
             weights over first.
+        copy: names or patterns (as ``exclude``) of floating tensors to copy rather than
+            average (ema-pytorch's ``param_or_buffer_names_no_ema``), e.g.
+            ``["*.running_mean", "*.running_var"]`` with ``buffers="average"``.
+        ema_model: the EMA model to use instead of a deep copy (one module per decay), for
+            models ``copy.deepcopy`` refuses (weight norm, hooks, non-leaf attributes): a
+            module with the model's parameter and buffer names and shapes; its tensors take
+            the model's values (EMA dtype and device) and it is frozen and put in eval mode.
 
     The step counter counts calls to ``update`` (optimizer steps, with ``attach``). A
     schedule is evaluated at ``step - update_after_step``, so ``Warmup`` and ``Cosine``
@@ -265,167 +103,96 @@ class FusedEMA:
         exclude: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
         capturable: bool = False,
         device: Optional[Union[str, torch.device]] = None,
+        copy: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
+        ema_model: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
     ):
-        # -- settings (all checked before anything is copied)
-        given = [n for n, v in (("decay", decay), ("tau", tau), ("decays", decays))
-                 if v is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "fused_ema: give exactly one of decay=, tau= (tau = 1 - decay) or decays=; got "
-                + (" and ".join(given) if given else "none"))
-        if decay is not None:
-            schedules = [_as_schedule(decay, "decay")]
-        elif tau is not None:
-            schedules = [_tau_schedule(tau)]
-        else:
-            if isinstance(decays, (str, bytes)) or not isinstance(decays, Iterable):
-                raise TypeError("fused_ema: decays must be a sequence of decays")
-            decays = list(decays)
-            if not 1 <= len(decays) <= fallback.MAX_DECAYS:
-                raise ValueError(f"fused_ema: decays takes 1 to {fallback.MAX_DECAYS} decays, "
-                                 f"got {len(decays)}")
-            schedules = [_as_schedule(d, f"decays[{k}]") for k, d in enumerate(decays)]
-        for what, v, low in (("update_after_step", update_after_step, 0),
-                             ("update_every", update_every, 1)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise ValueError(f"fused_ema: {what} must be an integer >= {low}, got {v!r}")
-        if buffers not in _BUFFER_MODES:
-            raise ValueError(f"fused_ema: buffers must be one of {_BUFFER_MODES}, got {buffers!r}")
-        if ema_dtype is not None and ema_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"fused_ema: ema_dtype must be one of {FLOAT_DTYPES}, got {ema_dtype}")
-        self._schedules: List[Schedule] = schedules
-        self.num_decays = len(schedules)
-        self.update_after_step = int(update_after_step)
-        self.update_every = int(update_every)
-        self.buffers = buffers
-        self.ema_dtype = ema_dtype
-        self.capturable = bool(capturable)
+        opts = Options.check(decay, tau, decays, update_after_step, update_every, ema_dtype,
+                             buffers, capturable)
+        self._schedules: List[Schedule] = opts.schedules
+        self.num_decays = len(opts.schedules)
+        self.update_after_step = opts.update_after_step
+        self.update_every = opts.update_every
+        self.buffers = opts.buffers
+        self.ema_dtype = opts.ema_dtype
+        self.capturable = opts.capturable
         self._device_explicit = device is not None
-        patterns = _compile_patterns(exclude)
 
-        # -- source tensors
+        # -- what happens to each tensor
         if isinstance(model, nn.Module):
-            self._model: Optional[nn.Module] = _unwrap(model)
-            src = _walk(self._model)
+            self._model: Optional[nn.Module] = unwrap(model)
+            sources = selection.walk(self._model)
             self._bare: Optional[List[torch.Tensor]] = None
         elif isinstance(model, torch.Tensor):
             raise TypeError("fused_ema: pass a module or an iterable of tensors, not one tensor "
                             "(wrap it in a list)")
         elif isinstance(model, Iterable):
             self._model = None
-            items = list(model)
-            src = []
-            for i, item in enumerate(items):
-                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                    name, t = item
-                else:
-                    name, t = str(i), item
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"fused_ema: item {i} of the parameter list is "
-                                    f"{type(t).__name__}, not a tensor")
-                src.append((name, t, None, None, True))
-            self._bare = [t for _, t, *_ in src]
-            if len({n for n, *_ in src}) != len(src):
-                raise ValueError("fused_ema: the (name, tensor) pairs have repeated names")
+            sources = selection.from_list(list(model))
+            self._bare = [s.tensor for s in sources]
         else:
             raise TypeError(f"fused_ema: expected an nn.Module or an iterable of tensors, got "
                             f"{type(model).__name__}")
-
-        # -- what happens to each tensor
-        self._known_order = [n for n, *_ in src]
+        self._selection = selection.select(sources, buffers=self.buffers, exclude=exclude,
+                                           copy=copy)
+        self._copy_patterns = [p for p, _ in selection.compile_patterns(copy, "copy")]
+        given = self._given_modules(ema_model, sources)
+        self._known_order = [s.name for s in sources]
         self._known = set(self._known_order)
-        used = set()
-        names, kinds, excluded = [], [], []
-        for name, t, _, _, is_param in src:
-            hit = [p for p, match in patterns if match(name)]
-            used.update(hit)
-            if hit:
-                excluded.append(name)
-                continue
-            if is_param:
-                if t.dtype in FLOAT_DTYPES:
-                    frozen = isinstance(t, nn.Parameter) and not t.requires_grad
-                    kind = "copy" if frozen else "average"
-                elif t.is_floating_point() or t.is_complex():
-                    raise TypeError(
-                        f"fused_ema: parameter '{name}' has dtype {t.dtype}; fused_ema averages "
-                        "float32/float16/bfloat16/float64 tensors; leave it out with exclude=")
-                else:
-                    kind = "other"
-            else:
-                if buffers == "ignore":
-                    continue
-                if t.dtype in FLOAT_DTYPES:
-                    kind = "average" if buffers == "average" else "copy"
-                else:
-                    kind = "other"
-            names.append(name)
-            kinds.append(kind)
-        unused = [p for p, _ in patterns if p not in used]
-        if unused:
-            raise ValueError(f"fused_ema: exclude pattern(s) {unused} match no parameter or "
-                             "buffer of the model")
-        param_names = {n for n, _, _, _, is_param in src if is_param}
-        float_params = [n for n, k in zip(names, kinds) if n in param_names and k != "other"]
-        if not float_params:
-            if not any(t.dtype in FLOAT_DTYPES for n, t, _, _, p in src if p):
-                raise ValueError("fused_ema: the model has no floating-point parameters; "
-                                 "there is nothing to average")
-            raise ValueError(f"fused_ema: every floating-point parameter is excluded "
-                             f"(exclude={[p for p, _ in patterns]}); an update would touch no "
-                             "parameter")
-        if not any(k == "average" for k in kinds):
+        if "average" not in self._selection.kinds:
             warnings.warn("fused_ema: every parameter has requires_grad=False, so the EMA only "
                           "copies the model", UserWarning, stacklevel=2)
-        self._names, self._kinds, self._excluded = names, kinds, sorted(excluded)
 
-        # -- the EMA tensors
-        first = next((t for _, t, *_ in src if t.dtype in FLOAT_DTYPES), src[0][1])
+        # -- the EMA copies
+        first = next((s.tensor for s in sources if s.tensor.dtype in FLOAT_DTYPES),
+                     sources[0].tensor)
         self._device = torch.device(device) if device is not None else first.device
         if self.capturable and self._device_explicit and self._device != first.device:
             raise ValueError(
                 f"fused_ema: capturable=True needs the EMA on the model's device ({first.device}),"
                 f" not {self._device}: a cross-device update cannot avoid a host sync")
-        self._warn_half(src)
-
-        def ema_copy(t: torch.Tensor) -> torch.Tensor:
-            dtype = self._ema_dtype_for(t.dtype)
-            return t.detach().to(device=self._device, dtype=dtype, copy=True)
-
+        ema_copy.warn_if_frozen_by_rounding(sources, self._schedules, self.update_every,
+                                             self.ema_dtype)
         self.modules: Optional[List[nn.Module]] = None
         self._bare_emas: Optional[List[List[torch.Tensor]]] = None
-        with torch.no_grad():
-            if self._model is not None:
-                self.modules = []
-                sharded = distributed.is_sharded(self._model)
-                for _ in range(self.num_decays):
-                    memo = {}
-                    for name, t, _, _, is_param in src:
-                        e = ema_copy(t)
-                        memo[id(t)] = nn.Parameter(e, requires_grad=False) if is_param else e
-                    try:  # an FSDP2 model is not copied: a module tree holds the shards
-                        m = (distributed.ema_module(self._model, memo) if sharded
-                             else copy.deepcopy(self._model, memo))
-                    except Exception as exc:
-                        raise TypeError(f"fused_ema: could not deep-copy the model ({exc}); "
-                                        "FusedEMA(model.parameters(), ...) averages the "
-                                        "tensors without a module copy") from exc
-                    m.requires_grad_(False)
-                    m.eval()
-                    self.modules.append(m)
-            else:
-                self._bare_emas = [[ema_copy(t) for _, t, *_ in src]
-                                   for _ in range(self.num_decays)]
+        if given is not None:
+            self.modules = [ema_copy.adopt_module(m, sources, theirs, self._device,
+                                                  self.ema_dtype) for m, theirs in given]
+        elif self._model is not None:
+            self.modules = [ema_copy.copy_module(self._model, sources, self._device,
+                                                  self.ema_dtype)
+                            for _ in range(self.num_decays)]
+        else:
+            self._bare_emas = [ema_copy.copy_list(sources, self._device, self.ema_dtype)
+                               for _ in range(self.num_decays)]
 
         # -- the step counter and the plans
         self._step = 0
         self._step_t = (torch.zeros((), dtype=torch.int64, device=self._device)
                         if self.capturable else None)
-        self._attached: Dict[int, _Handle] = {}
-        self._const = None
-        if all(type(s) in (Constant, HalfLife) for s in schedules):
-            self._const = [s(0) ** self.update_every for s in schedules]
+        self._attached: Dict[int, optim_hook.Handle] = {}
+        self._const = constant_decays(self._schedules, self.update_every)
+        self._binding: Optional[Binding] = None
+        self._stored = None  # store() / restore()
         self._bind()
+
+    def _given_modules(self, ema_model, sources):
+        """(module, its sources) for each user-supplied EMA model, all checked; None when
+        the EMA copies are to be built."""
+        if ema_model is None:
+            return None
+        if self._model is None:
+            raise TypeError("fused_ema: ema_model= needs a model (an nn.Module), not a list "
+                            "of tensors")
+        mods = [ema_model] if isinstance(ema_model, nn.Module) else list(ema_model)
+        if len(mods) != self.num_decays:
+            raise ValueError(f"fused_ema: ema_model= gives {len(mods)} module(s) for "
+                             f"{self.num_decays} decay(s); pass one module per decay")
+        if len({id(m) for m in mods}) != len(mods):
+            raise ValueError("fused_ema: ema_model= gives the same module twice; each decay "
+                             "needs its own")
+        single = len(mods) == 1 and isinstance(ema_model, nn.Module)
+        return [(m, ema_copy.check_given_module(self._model, m, sources, -1 if single else k))
+                for k, m in enumerate(mods)]
 
     # ------------------------------------------------------------------ properties
 
@@ -441,6 +208,12 @@ class FusedEMA:
             return int(self._step_t.item())
         return self._step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        """Sets the counter (a resume that restored only the EMA weights): the next
+        ``update`` applies the decay of step ``value``."""
+        self._set_step(_check_step(value))
+
     @property
     def schedules(self) -> List[Schedule]:
         return list(self._schedules)
@@ -454,9 +227,9 @@ class FusedEMA:
     def named_pairs(self, index: int = 0) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
         """``(name, ema_tensor, model_tensor)`` for each tensor the update touches (params and
         tracked buffers): the seam for code that handles distributed tensors."""
-        self._ensure_bound()
-        for i, name in enumerate(self._names):
-            yield name, self._emas[index][i], self._srcs[i]
+        b = self._ensure_bound()
+        for i, name in enumerate(b.names):
+            yield name, b.emas[index][i], b.srcs[i]
 
     def decay_at(self, step: Optional[int] = None) -> List[float]:
         """The decays (one per EMA) the update at ``step`` applies (default: the next update),
@@ -474,35 +247,10 @@ class FusedEMA:
     def __repr__(self) -> str:
         sched = ", ".join(repr(s) for s in self._schedules)
         step = "<on the device>" if self.capturable else self._step
-        return (f"FusedEMA(decays=[{sched}], tensors={len(self._names)}, step={step}, "
-                f"update_after_step={self.update_after_step}, update_every={self.update_every}, "
-                f"buffers={self.buffers!r}, device={self._device}, capturable={self.capturable})")
-
-    # ------------------------------------------------------------------ dtype and warnings
-
-    def _ema_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
-        if dtype not in FLOAT_DTYPES:
-            return dtype
-        if self.ema_dtype is not None:
-            return self.ema_dtype
-        return torch.float32 if dtype in _HALF_DTYPES else dtype
-
-    def _warn_half(self, src) -> None:
-        dtypes = {self._ema_dtype_for(t.dtype) for _, t, *_ in src if t.dtype in FLOAT_DTYPES}
-        for dtype in dtypes & set(_HALF_DTYPES):
-            eps = torch.finfo(dtype).eps
-            for k, s in enumerate(self._schedules):
-                top = s.max_decay
-                if top is None:
-                    continue
-                top = top ** self.update_every
-                if 1.0 - top < eps:
-                    warnings.warn(
-                        f"fused_ema: a {dtype} EMA with decay {top:g} barely moves: each update "
-                        f"adds (1 - decay) = {1 - top:.3g} of the difference, below the {dtype} "
-                        f"resolution ({eps:.3g}); use ema_dtype=torch.float32",
-                        UserWarning, stacklevel=3)
-                    return
+        return (f"FusedEMA(decays=[{sched}], tensors={len(self._selection.names)}, "
+                f"step={step}, update_after_step={self.update_after_step}, "
+                f"update_every={self.update_every}, buffers={self.buffers!r}, "
+                f"device={self._device}, capturable={self.capturable})")
 
     # ------------------------------------------------------------------ binding
 
@@ -510,177 +258,47 @@ class FusedEMA:
         """name -> (tensor, container, key) of the model (or of the bare list)."""
         if model is None and self._model is None:
             return {n: (t, None, None) for n, t in zip(self._known_order, self._bare)}
-        model = self._model if model is None else _unwrap(model)
-        return {n: (t, c, k) for n, t, c, k, _ in _walk(model)}
+        model = self._model if model is None else unwrap(model)
+        return {s.name: (s.tensor, s.container, s.key) for s in selection.walk(model)}
 
     def _ema_tensors(self, index: int) -> Dict[str, torch.Tensor]:
         if self.modules is not None:
-            return {n: t for n, t, *_ in _walk(self.modules[index])}
+            return {s.name: s.tensor for s in selection.walk(self.modules[index])}
         return dict(zip(self._known_order, self._bare_emas[index]))
 
     def _match(self, model: Optional[nn.Module]):
-        """The model's tensor for each tracked name, checked; raises naming what differs."""
         found = self._model_tensors(model)
-        missing = [n for n in self._names if n not in found]
-        extra = [n for n in found if n not in self._known]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"the EMA has {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             "that the model lacks")
-            if extra:
-                parts.append(f"the model has {extra[:5]}{' ...' if len(extra) > 5 else ''} that "
-                             "the EMA lacks")
-            raise ValueError("fused_ema: the model's parameters do not match the EMA's: "
-                             + "; ".join(parts) + ". Build a new FusedEMA for a changed model.")
-        out = []
-        ema0 = self._ema_tensors(0)
-        for n in self._names:
-            t = found[n][0]
-            e = ema0[n]
-            if t.shape != e.shape:
-                raise ValueError(
-                    f"fused_ema: '{n}' has shape {list(t.shape)} in the model but "
-                    f"{list(e.shape)} in the EMA; the model's tensors were replaced by tensors of "
-                    "another shape: build a new FusedEMA")
-            out.append(t)
-        return out, found
+        return match(found, self._selection.names, self._known, self._ema_tensors(0)), found
 
-    def _bind(self, model: Optional[nn.Module] = None) -> None:
+    def _bind(self, model: Optional[nn.Module] = None) -> Binding:
         """Matches the model's tensors to the EMA's and builds the plans (validation once)."""
         if model is not None:
-            model = _unwrap(model)
+            model = unwrap(model)
         distributed.reshard(self._model if model is None else model)  # FSDP2: sharded params
+        names, kinds = self._selection.names, self._selection.kinds
         srcs, found = self._match(model)
-        floats = [t for t, kind in zip(srcs, self._kinds) if kind != "other"]
-        devices = {t.device for t in floats}
-        if len(devices) > 1:
-            first = floats[0].device
-            name = next(n for n, t, kind in zip(self._names, srcs, self._kinds)
-                        if kind != "other" and t.device != first)
-            raise ValueError(f"fused_ema: '{name}' is on {found[name][0].device} but "
-                             f"'{self._names[0]}' is on {first}; FusedEMA needs the model on one "
-                             "device")
-        model_device = floats[0].device
-        distributed.check_device(model_device, self._device, floats)
-        if model_device != self._device and not self._device_explicit:
-            self._move_ema(model_device)  # the model moved and the EMA follows it
-        emas_by_name = [self._ema_tensors(k) for k in range(self.num_decays)]
-        emas = [[e[n] for n in self._names] for e in emas_by_name]
-        cross = model_device != self._device
-        if cross and self.capturable:
-            raise ValueError(f"fused_ema: capturable=True needs the model and the EMA on one "
-                             f"device; the model is on {model_device}, the EMA on {self._device}")
-        pin = cross and self._device.type == "cpu" and model_device.type == "cuda"
-        # Layout: an EMA tensor takes its model tensor's strides (e.g. channels_last), so
-        # both are read as 1-D views in the same memory order.
-        plan_srcs, views = [], []
-        with torch.no_grad():
-            for i, (n, t, kind) in enumerate(zip(self._names, srcs, self._kinds)):
-                if kind == "other":
-                    plan_srcs.append(t)
-                    continue
-                if not (t.is_contiguous() or _is_dense(t)):
-                    raise ValueError(f"fused_ema: '{n}' is neither contiguous nor dense "
-                                     f"(strides {t.stride()}); make it contiguous")
-                for k in range(self.num_decays):
-                    e = emas[k][i]
-                    if e.stride() != t.stride() and t.numel() > 1:
-                        new = torch.empty_strided(t.shape, t.stride(), dtype=e.dtype,
-                                                  device=e.device)
-                        new.copy_(e)
-                        e.data = new
-                if cross:
-                    s = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                            device=self._device, pin_memory=pin)
-                    plan_srcs.append(s)
-                    views.append((t, t.data_ptr()))  # the plan sees the staging copy only
-                else:
-                    plan_srcs.append(t)
-                    if not t.is_contiguous():
-                        views.append((t, t.data_ptr()))
-                for k in range(self.num_decays):
-                    if not emas[k][i].is_contiguous():
-                        views.append((emas[k][i], emas[k][i].data_ptr()))
-        # Plans first: if one fails (a tensor the engine refuses), nothing of the old
-        # binding has been replaced yet.
-        plans = []
-        for kind in ("average", "copy"):
-            idx = [i for i, k in enumerate(self._kinds) if k == kind]
-            if not idx:
-                continue
-            # DTensors (FSDP2): the engine updates the local shards
-            ps = [_flat(distributed.local(plan_srcs[i])) for i in idx]
-            es = [[_flat(distributed.local(emas[k][i])) for i in idx]
-                  for k in range(self.num_decays)]
-            try:
-                plan = EMAPlan.multi(es, ps)
-            except (ValueError, TypeError, RuntimeError) as exc:
-                names = [self._names[i] for i in idx]
-                raise type(exc)(_name_indices(str(exc), names, self.num_decays)) from None
-            plans.append((kind, plan.update_, ps, es))
+        floats = [t for t, kind in zip(srcs, kinds) if kind != "other"]
+        src_device = model_device(names, kinds, srcs)
+        distributed.check_device(src_device, self._device, floats)
+        if src_device != self._device and not self._device_explicit:
+            self._move_ema(src_device)  # the model moved and the EMA follows it
+        emas = [[e[n] for n in names] for e in map(self._ema_tensors, range(self.num_decays))]
+        target = None
+        watched = []
         if self._model is not None:
             target = self._model if model is None else model
             # what the per-step check compares by identity: each tracked tensor in its
             # module's dict, and each submodule in its parent's (a replaced submodule)
-            conts = [(c, k, t) for t, c, k in (found[n] for n in self._names)]
-            conts += [(m._modules, k, c) for m in target.modules()
-                      for k, c in m._modules.items() if c is not None]
-            self._containers = [c for c, _, _ in conts]
-            self._ckeys = [k for _, k, _ in conts]
-            self._cobjs = [t for _, _, t in conts]
+            watched = [(c, k, t) for t, c, k in (found[n] for n in names)]
+            watched += [(m._modules, k, c) for m in target.modules()
+                        for k, c in m._modules.items() if c is not None]
+        binding = Binding(names, kinds, srcs, emas, self._device, self.capturable, watched)
+        if target is not None:
             self._model = target
-        else:
-            self._containers = None
-        self._plans = plans
-        self._srcs = srcs
-        self._emas = emas
-        self._cross = cross
-        self._pin_sync = pin
-        self._staging = [(s, t) for s, t, kind in zip(plan_srcs, srcs, self._kinds)
-                         if cross and kind != "other"]
-        self._views = views + distributed.watch(srcs)  # a shard re-homed by FSDP
-        self._others = self._group_others(srcs, emas)
-        self._float_zeros = [0.0] * self.num_decays
-        self._keys = self._plan_keys()
-        if self.capturable:
-            self._zeros = torch.zeros(self.num_decays, dtype=torch.float64, device=self._device)
-            if self._step_t.device != self._device:
-                self._step_t = self._step_t.to(self._device)
-
-    def _group_others(self, srcs, emas):
-        """Non-float tensors (integer counters such as BatchNorm's num_batches_tracked) are
-        copied with one ``torch.cat`` per dtype: their EMA copies are re-homed as views of
-        one flat tensor per dtype (``.data`` is set, so the tensor objects stay the same)."""
-        groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
-        for i, kind in enumerate(self._kinds):
-            if kind == "other":
-                groups.setdefault((srcs[i].dtype, srcs[i].device), []).append(i)
-        out = []
-        with torch.no_grad():
-            for (dtype, _), idx in groups.items():
-                total = sum(srcs[i].numel() for i in idx)
-                flats = []
-                for k in range(self.num_decays):
-                    flat = torch.empty(total, dtype=dtype, device=self._device)
-                    off = 0
-                    for i in idx:
-                        e, n = emas[k][i], srcs[i].numel()
-                        view = flat[off:off + n].view(e.shape)
-                        view.copy_(e)
-                        e.data = view
-                        self._views.append((e, e.data_ptr()))
-                        off += n
-                    flats.append(flat)
-                views = [srcs[i].reshape(-1) for i in idx]
-                for i in idx:
-                    self._views.append((srcs[i], srcs[i].data_ptr()))
-                contiguous = all(srcs[i].is_contiguous() for i in idx)
-                out.append((views if contiguous else [srcs[i] for i in idx], contiguous, flats))
-        return out
-
-    def _plan_keys(self):
-        return [_key(t) for _, _, ps, es in self._plans for t in ps + [e for l in es for e in l]]
+        self._binding = binding
+        if self.capturable and self._step_t.device != self._device:
+            self._step_t = self._step_t.to(self._device)
+        return binding
 
     def _move_ema(self, device: torch.device) -> None:
         with torch.no_grad():
@@ -695,32 +313,24 @@ class FusedEMA:
         if self._step_t is not None:
             self._step_t = self._step_t.to(device)
 
-    def _bound(self) -> bool:
-        """Cheap per-step check that the model still holds the tensors the plans were built for
-        (a replaced Parameter or buffer, or a view whose tensor got new storage)."""
-        if self._containers is not None and not all(
-                map(operator.is_, map(dict.get, self._containers, self._ckeys), self._cobjs)):
-            return False
-        for t, ptr in self._views:
-            if t.data_ptr() != ptr:
-                return False
-        return True
-
-    def _ensure_bound(self) -> None:
-        if not self._bound():
-            self._bind()
+    def _ensure_bound(self) -> Binding:
+        b = self._binding
+        if b is None or not b.intact():
+            b = self._bind()
+        return b
 
     def replan(self) -> None:
         """Rebuilds the plans from the model's current tensors (done automatically when a
         tensor was replaced; call it after changing ``requires_grad``)."""
         if self._model is not None:
-            srcs = self._model_tensors()
-            for i, n in enumerate(self._names):
-                if self._kinds[i] in ("average", "copy") and n in srcs:
-                    t = srcs[n][0]
-                    if isinstance(t, nn.Parameter):
-                        self._kinds[i] = "average" if t.requires_grad else "copy"
+            srcs = {n: v[0] for n, v in self._model_tensors().items()}
+            selection.refresh_frozen(self._selection, srcs)
         self._bind()
+
+    def _averaged_sources(self) -> List[Tuple[str, torch.Tensor]]:
+        b = self._ensure_bound()
+        return [(n, t) for n, t, kind in zip(b.names, b.srcs, self._selection.kinds)
+                if kind == "average"]
 
     # ------------------------------------------------------------------ update
 
@@ -743,28 +353,36 @@ class FusedEMA:
         return ds
 
     def update(self, model: Optional[nn.Module] = None, *,
-               skip: Optional[torch.Tensor] = None) -> None:
+               skip: Optional[torch.Tensor] = None, step: Optional[int] = None) -> None:
         """One update from the model's current weights (all tensors in one fused call).
 
         ``model``: update from this model instead (matched by name; DDP and torch.compile
-        wrappers of the EMA's model are the same model). ``skip``: a 0-d tensor, e.g. a
+        wrappers of the EMA's model are the same model), or from a parameter list laid out
+        as the model's ``parameters()`` (torch_ema's ``update(parameters)``). ``skip``: a 0-d tensor, e.g. a
         GradScaler's found-inf: when non-zero nothing changes (read on the device, no sync).
         A skipped step is not counted when the flag can be read for free (a CPU tensor) or
         with ``capturable=True``; a CUDA flag without ``capturable`` still advances the step
-        counter, as reading it would need a host sync.
+        counter, as reading it would need a host sync. ``step``: the optimizer step this
+        update is for (timm, diffusers): the counter is set to it first, so the update
+        applies the decay of that step.
         """
+        if step is not None:
+            self._set_step(_check_step(step))
         compiling = torch.compiler.is_compiling()
-        if model is not None and _unwrap(model) is not self._model:
+        b = self._binding
+        if model is not None and not isinstance(model, nn.Module):
+            b = self._list_run(model)
+        elif model is not None and unwrap(model) is not self._model:
             if self._model is None:
                 raise TypeError("fused_ema: this FusedEMA averages a list of tensors; "
                                 "update() takes no model")
-            self._bind(model)
-        elif not compiling and not self._bound():
-            self._bind()
+            b = self._bind(model)
+        elif not compiling and (b is None or not b.intact()):
+            b = self._bind()
         if skip is not None and not isinstance(skip, torch.Tensor):
             skip = torch.tensor(bool(skip))
         if self.capturable:
-            return self._update_capturable(skip, compiling)
+            return self._update_capturable(b, skip, compiling)
         s = self._step
         if skip is not None and skip.device.type == "cpu":
             if skip.reshape(-1)[0].item() != 0:  # host memory: no sync
@@ -774,58 +392,34 @@ class FusedEMA:
             self._step = s + 1
             return
         decays = self._decays_at(s)
-        if self._cross:
-            self._stage()
+        if b.cross:
+            b.stage()
             if skip is not None and skip.device != self._device:
                 skip = skip.to(self._device)
-        self._run(decays, self._float_zeros, skip)
+        self._run(b, decays, skip)
         self._step = s + 1
 
-    def _stage(self) -> None:
-        with torch.no_grad():
-            for s, t in self._staging:
-                s.copy_(t, non_blocking=self._pin_sync)
-        if self._pin_sync:
-            torch.cuda.current_stream(self._staging[0][1].device).synchronize()
+    def _list_run(self, tensors) -> ListRun:
+        """The update from a parameter list of the EMA's layout (``update(params)``)."""
+        per_decay = [self._list_pairs(tensors, k, "update()") for k in range(self.num_decays)]
+        pairs = [(t, [per_decay[k][i][1] for k in range(self.num_decays)], kind)
+                 for i, (t, _, kind) in enumerate(per_decay[0])]
+        return ListRun(pairs, self.num_decays)
 
-    def _run(self, decays, zeros, skip, start: int = 0) -> None:
-        for j in range(start, len(self._plans)):
-            kind, call, _, _ = self._plans[j]
+    def _run(self, b: Binding, decays, skip) -> None:
+        start = 0
+        while True:
             try:
-                call(decays if kind == "average" else zeros, skip)
-            except RuntimeError:
-                if self._plan_keys() == self._keys:
-                    raise
-                # A tensor got new storage (model.to(), p.data = ...): plan again and go on
+                return b.run(decays, skip, start)
+            except Stale as stale:
+                # A tensor got new storage (model.to(), p.data = ...): bind again and go on
                 # from this group (the groups before it are already updated).
-                self._bind()
-                if self._cross:
-                    self._stage()
-                return self._run(decays, zeros, skip, j)
-        if self._others:
-            self._copy_others(skip)
+                start = stale.start
+                b = self._bind()
+                if b.cross:
+                    b.stage()
 
-    def _copy_others(self, skip) -> None:
-        with torch.no_grad():
-            for srcs, contiguous, flats in self._others:
-                if not contiguous:
-                    srcs = [t.reshape(-1) for t in srcs]
-                if skip is None and not self._cross:
-                    if len(srcs) == 1:
-                        flats[0].copy_(srcs[0])
-                    else:
-                        torch.cat(srcs, out=flats[0])
-                    for f in flats[1:]:
-                        f.copy_(flats[0])
-                    continue
-                new = torch.cat(srcs).to(flats[0].device)
-                for f in flats:
-                    if skip is None:
-                        f.copy_(new)
-                    else:
-                        f.copy_(torch.where(skip.to(f.device).reshape(()) != 0, f, new))
-
-    def _update_capturable(self, skip, compiling: bool) -> None:
+    def _update_capturable(self, b: Binding, skip, compiling: bool) -> None:
         s = self._step_t
         decays = self._decays_tensor(s)
         flag = None
@@ -835,14 +429,9 @@ class FusedEMA:
             found = skip.reshape(()) != 0
             flag = found if flag is None else flag | found
         if compiling:
-            # dynamo traces the torch ops (with their fake kernels), not the pybind plan
-            for kind, _, ps, es in self._plans:
-                functional.multi_ema_update_(es, ps, decays if kind == "average" else self._zeros,
-                                             skip=flag)
-            if self._others:
-                self._copy_others(flag)
+            b.run_traced(decays, flag)
         else:
-            self._run(decays, self._zeros, flag)
+            self._run(b, decays, flag)
         with torch.no_grad():
             if skip is not None:
                 s.add_((skip.reshape(()) == 0).to(torch.int64))
@@ -851,7 +440,7 @@ class FusedEMA:
 
     # ------------------------------------------------------------------ optimizer hook
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> _Handle:
+    def attach(self, optimizer: torch.optim.Optimizer, scaler=None) -> optim_hook.Handle:
         """Updates the EMA after every ``optimizer.step()``; ``handle.remove()`` stops it.
 
         With ``scaler`` (a ``torch.amp.GradScaler``): a step the scaler skips (inf/NaN
@@ -860,57 +449,102 @@ class FusedEMA:
         kernel as ``skip``: no host sync. The found-inf flag is honoured even without
         ``scaler=``; give it for optimizers that take ``grad_scaler=`` in ``step``.
         """
-        if not hasattr(optimizer, "register_step_post_hook"):
-            raise TypeError(f"fused_ema: attach needs a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
-        if scaler is not None and not hasattr(scaler, "_per_optimizer_states"):
-            raise TypeError(f"fused_ema: scaler must be a torch.amp.GradScaler, got "
-                            f"{type(scaler).__name__}")
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        ours = [t for t, kind in zip(self._srcs, self._kinds) if kind == "average"]
-        if not ours:
-            raise ValueError("fused_ema: this EMA averages no parameter (every one has "
-                             "requires_grad=False); call ema.update() where you need a copy")
-        if not any(id(t) in held for t in ours):
-            raise ValueError(
-                "fused_ema: the optimizer holds none of the parameters this EMA averages "
-                f"({len(ours)} tensors, e.g. '{self._names[self._kinds.index('average')]}'); "
-                "attach the optimizer that trains the EMA's model")
-        if id(optimizer) in self._attached:
-            raise RuntimeError("fused_ema: this EMA is already attached to this optimizer; "
-                               "call handle.remove() first")
-
-        def hook(opt, args, kwargs):
-            skip = getattr(opt, "found_inf", None)
-            if skip is None and scaler is not None:
-                skip = _scaler_found_inf(scaler, opt)
-            self.update(skip=skip)
-
-        handle = _Handle(self, optimizer, optimizer.register_step_post_hook(hook))
-        self._attached[id(optimizer)] = handle
-        return handle
+        return optim_hook.attach(self, optimizer, scaler)
 
     # ------------------------------------------------------------------ swap and copy
+
+    def _ema_params(self, index: int) -> List[Tuple[str, torch.Tensor]]:
+        """(name, EMA tensor) of each parameter in ``model.parameters()`` order (for a list of
+        tensors: its order): the layout a parameter list must have."""
+        if self.modules is None:
+            return list(zip(self._known_order, self._bare_emas[index]))
+        return [(s.name, s.tensor) for s in selection.walk(self.modules[index]) if s.is_param]
+
+    def _list_pairs(self, tensors, index: int, what: str) -> List[Tuple[torch.Tensor, ...]]:
+        """(tensor, EMA tensor, kind) for a parameter list of the EMA's layout, checked
+        (count, types, shapes) before anything is read or written; excluded ones dropped."""
+        tensors = list(tensors)
+        ours = self._ema_params(index)
+        if len(tensors) != len(ours):
+            raise ValueError(f"fused_ema: {what} got {len(tensors)} tensors but this EMA has "
+                             f"{len(ours)} parameters; pass a list laid out as the model's "
+                             "parameters()")
+        roles = self._selection.roles
+        out = []
+        for i, (t, (n, e)) in enumerate(zip(tensors, ours)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"fused_ema: {what}: item {i} is {type(t).__name__}, not a "
+                                "tensor")
+            if t.shape != e.shape:
+                raise ValueError(f"fused_ema: {what}: item {i} has shape {list(t.shape)} but "
+                                 f"the EMA of '{n}' has {list(e.shape)}")
+            if roles.get(n, "average") in ("average", "copy", "other"):
+                out.append((t, e, roles.get(n, "average")))
+        return out
 
     def _pairs_for(self, model, index: int):
         if index < 0 or index >= self.num_decays:
             raise IndexError(f"fused_ema: index {index} out of range for {self.num_decays} EMA(s)")
-        if model is None or (self._model is not None and _unwrap(model) is self._model):
-            self._ensure_bound()
-            return list(zip(self._srcs, self._emas[index]))
+        if model is not None and not isinstance(model, nn.Module):
+            return [(t, e) for t, e, _ in self._list_pairs(model, index, "a parameter list")]
+        if model is None or (self._model is not None and unwrap(model) is self._model):
+            b = self._ensure_bound()
+            return list(zip(b.srcs, b.emas[index]))
         if self._model is None:
-            raise TypeError("fused_ema: this FusedEMA averages a list of tensors; copy_to and "
-                            "swapped take no model")
+            raise TypeError("fused_ema: this FusedEMA averages a list of tensors; pass a list "
+                            "of tensors, not a module")
         srcs, _ = self._match(model)
-        return list(zip(srcs, self._emas[index]))
+        return list(zip(srcs, self._ensure_bound().emas[index]))
+
+    def _target(self, model):
+        return self._model if model is None else (model if isinstance(model, nn.Module)
+                                                   else None)
 
     @torch.no_grad()
-    def copy_to(self, model: Optional[nn.Module] = None, index: int = 0) -> None:
-        """Writes the EMA weights (and tracked buffers) into ``model`` (default: the online
-        model)."""
+    def copy_to(self, model=None, index: int = 0) -> None:
+        """Writes the EMA weights (and tracked buffers) into ``model``: the online model
+        (default), another model of the same names, or a parameter list laid out as the
+        model's ``parameters()`` (torch_ema's ``copy_to(parameters)``)."""
         for t, e in self._pairs_for(model, index):
             t.copy_(e)
-        distributed.reshard(self._model if model is None else model)
+        distributed.reshard(self._target(model))
+
+    @torch.no_grad()
+    def set(self, model=None) -> None:
+        """Copies the model (default: the online model; or a model of the same names, or a
+        parameter list of the model's layout) into every EMA: timm's ``set``, a hard
+        update. The step counter is kept (``reset()`` also zeroes it)."""
+        pairs = [self._pairs_for(model, k) for k in range(self.num_decays)]
+        for per_decay in pairs:
+            for t, e in per_decay:
+                e.copy_(t)
+
+    def reset(self) -> None:
+        """Starts the average again: the EMA becomes the online model, the step counter 0."""
+        self.set()
+        self._set_step(0)
+
+    @torch.no_grad()
+    def store(self, model=None) -> None:
+        """Saves the online model's weights (and tracked buffers), or a given parameter
+        list's, for ``restore()`` (torch_ema, diffusers): ``store(); copy_to(); evaluate;
+        restore()``. ``swapped()`` does the three in one block."""
+        pairs = self._pairs_for(model, 0)
+        self._stored = ([t for t, _ in pairs], [t.detach().clone() for t, _ in pairs],
+                        self._target(model))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Writes back what ``store()`` saved (once: a second ``restore`` needs a new
+        ``store``)."""
+        stored = getattr(self, "_stored", None)
+        if stored is None:
+            raise RuntimeError("fused_ema: restore() without store(); call ema.store() before "
+                               "copying the EMA into the model")
+        for t, saved in zip(stored[0], stored[1]):
+            t.copy_(saved)
+        self._stored = None
+        distributed.reshard(stored[2])
 
     @contextmanager
     def swapped(self, model: Optional[nn.Module] = None, index: int = 0):
@@ -932,91 +566,94 @@ class FusedEMA:
             with torch.no_grad():
                 for (t, _), b in zip(pairs, saved):
                     t.copy_(b)
-            distributed.reshard(self._model if model is None else model)  # drop gathered EMA
+            distributed.reshard(self._target(model))  # drop gathered EMA
+
+    # ------------------------------------------------------------------ device, dtype, pickling
+
+    def to(self, device: Optional[Union[str, torch.device]] = None,
+           dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> "FusedEMA":
+        """Moves the EMA (every decay's copy) to ``device`` and / or casts its floating
+        tensors to ``dtype``. A device other than the model's keeps the EMA there (each
+        update copies the weights over first, as with ``FusedEMA(device=...)``)."""
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fused_ema: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        new_device = self._device if device is None else torch.device(device)
+        if new_device.type == "cuda" and new_device.index is None:
+            new_device = torch.device("cuda", torch.cuda.current_device())
+        b = self._ensure_bound()
+        src_device = model_device(b.names, self._selection.kinds, b.srcs)
+        if self.capturable and new_device != src_device:
+            raise ValueError(f"fused_ema: capturable=True needs the EMA on the model's device "
+                             f"({src_device}), not {new_device}")
+        distributed.check_device(src_device, new_device,
+                                 [t for t, k in zip(b.srcs, self._selection.kinds)
+                                  if k != "other"])
+        self._retensor(lambda e: e.to(device=new_device,
+                                      dtype=dtype if e.is_floating_point() else None,
+                                      non_blocking=non_blocking))
+        if device is not None:
+            self._device, self._device_explicit = new_device, new_device != src_device
+            if self._step_t is not None:
+                self._step_t = self._step_t.to(new_device)
+        if dtype is not None:
+            self.ema_dtype = dtype
+        self._bind()
+        return self
+
+    def pin_memory(self) -> "FusedEMA":
+        """Puts a CPU EMA in pinned (page-locked) memory: the staging copies of a CUDA model's
+        weights then run without an extra host copy."""
+        if self._device.type != "cpu":
+            raise ValueError(f"fused_ema: pin_memory() is for an EMA in host memory; this one "
+                             f"is on {self._device}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("fused_ema: pin_memory() needs CUDA (pinned memory is for "
+                               "copies to a GPU)")
+        self._retensor(lambda e: e.pin_memory())
+        self._bind()
+        return self
+
+    @torch.no_grad()
+    def _retensor(self, fn) -> None:
+        """``e.data = fn(e)`` for every EMA tensor (the objects stay: modules keep theirs)."""
+        if self.modules is not None:
+            tensors = [s.tensor for m in self.modules for s in selection.walk(m)]
+        else:
+            tensors = [e for emas in self._bare_emas for e in emas]
+        new = [fn(e.data) for e in tensors]  # all made before any is replaced
+        for e, d in zip(tensors, new):
+            e.data = d
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The binding (compiled plans, identity watch) is a cache rebuilt on first use;
+        # optimizer hooks stay with the object that registered them.
+        state = self.__dict__.copy()
+        state["_binding"] = None
+        state["_attached"] = {}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ state dict
-
-    def _settings(self) -> Dict[str, Any]:
-        return {
-            "decays": [s.settings() for s in self._schedules],
-            "update_after_step": self.update_after_step,
-            "update_every": self.update_every,
-            "buffers": self.buffers,
-            "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype),
-            "exclude": list(self._excluded),
-        }
 
     def state_dict(self) -> Dict[str, Any]:
         """EMA tensors in their own dtype (one dict per decay: the EMA module's state_dict,
         or name -> tensor for a list of tensors), the step counter and the settings."""
-        if self.modules is not None:
-            emas = [m.state_dict() for m in self.modules]
-        else:
-            emas = [dict(zip(self._known_order, e)) for e in self._bare_emas]
-        return {"format": _FORMAT, "step": self.step, "emas": emas, "settings": self._settings()}
+        return checkpoint.state_dict(self)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
         """Loads a ``state_dict()``; checks everything first (settings, names, shapes,
-        dtypes) and raises naming what differs, with nothing modified."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
-            raise ValueError("fused_ema: not a FusedEMA state_dict (expected the dict returned "
-                             "by FusedEMA.state_dict())")
-        saved, ours = state_dict["settings"], self._settings()
-        diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this FusedEMA has {v!r}"
-                 for k, v in ours.items() if saved.get(k) != v]
-        if diffs:
-            raise ValueError("fused_ema: the checkpoint was saved with other settings:\n  "
-                             + "\n  ".join(diffs))
-        step = state_dict["step"]
-        if isinstance(step, torch.Tensor):
-            step = int(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"fused_ema: bad step in the checkpoint: {step!r}")
-        emas = state_dict["emas"]
-        if len(emas) != self.num_decays:
-            raise ValueError(f"fused_ema: the checkpoint holds {len(emas)} EMA(s), this "
-                             f"FusedEMA {self.num_decays}")
-        targets = self.state_dict()["emas"]
-        plan = []
-        for k, (sd, tgt) in enumerate(zip(emas, targets)):
-            sd = {_normalize(n): v for n, v in sd.items()}
-            tgt = {_normalize(n): v for n, v in tgt.items()}
-            missing = [n for n in tgt if n not in sd]
-            extra = [n for n in sd if n not in tgt]
-            if missing or extra:
-                raise ValueError(
-                    f"fused_ema: the checkpoint is of another model: missing {missing[:5]}, "
-                    f"unexpected {extra[:5]}")
-            for n, t in tgt.items():
-                v = sd[n]
-                if not isinstance(v, torch.Tensor) or v.shape != t.shape:
-                    raise ValueError(f"fused_ema: '{n}' has shape "
-                                     f"{list(getattr(v, 'shape', []))} in the checkpoint, "
-                                     f"{list(t.shape)} here")
-                if v.dtype != t.dtype:
-                    raise ValueError(f"fused_ema: '{n}' is {v.dtype} in the checkpoint but "
-                                     f"{t.dtype} here (ema_dtype differs)")
-                plan.append((t, distributed.like(t, v)))  # a full tensor into a shard
-        with torch.no_grad():
-            for t, v in plan:
-                t.copy_(v)
+        dtypes) and raises naming what differs, with nothing modified. ``strict=False``
+        adopts the checkpoint's decays, ``update_after_step`` and ``update_every`` (settings
+        that do not change the tensors) with a warning instead of refusing."""
+        checkpoint.load_state_dict(self, state_dict, strict=strict)
+
+    def _set_step(self, step: int) -> None:
         self._step = int(step)
         if self.capturable:
             self._step_t.fill_(int(step))
 
-
-def _scaler_found_inf(scaler, optimizer) -> Optional[torch.Tensor]:
-    """The scaler's found-inf for this optimizer's current step (None when it recorded none)."""
-    if not getattr(scaler, "is_enabled", lambda: True)():
-        return None
-    states = getattr(scaler, "_per_optimizer_states", {})
-    state = states.get(id(optimizer)) if id(optimizer) in states else None
-    if not state:
-        return None
-    found = list(state.get("found_inf_per_device", {}).values())
-    if not found:
-        return None
-    out = found[0]
-    for f in found[1:]:
-        out = out + f.to(out.device)
-    return out
+    def _settings_changed(self) -> None:
+        """Recomputes what depends on the schedules and update_every."""
+        self._const = constant_decays(self._schedules, self.update_every)

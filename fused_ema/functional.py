@@ -155,6 +155,23 @@ class EMAPlan:
         return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
                 for t in self.params + [e for emas in self.emas_per_decay for e in emas]]
 
+    def _check_same_tensors(self) -> None:
+        """The fallback's form of the compiled plan's check, with the same message."""
+        keys = self._tensor_keys()
+        if keys == self._keys:
+            return
+        j = next(j for j, (a, b) in enumerate(zip(keys, self._keys)) if a != b)
+        n = len(self.params)
+        if j < n:
+            name = f"params[{j}]"
+        elif self.num_decays == 1:
+            name = f"emas[{j - n}]"
+        else:
+            name = f"emas[{(j - n) // n}][{(j - n) % n}]"
+        raise RuntimeError(
+            f"fused_ema: {name} was replaced or resized since the plan was built (its "
+            "storage, shape, dtype or layout changed); build a new EMAPlan")
+
     @property
     def emas(self) -> List[torch.Tensor]:
         """The first (for a single-decay plan, the only) EMA list."""
@@ -175,10 +192,7 @@ class EMAPlan:
         if self._plan is not None:
             self._plan.update_(floats, decay_tensor, skip)
             return
-        if self._tensor_keys() != self._keys:
-            raise RuntimeError(
-                "fused_ema: a tensor was replaced or resized since the plan was built; build a "
-                "new EMAPlan")
+        self._check_same_tensors()
         fallback.multi_ema_update_(self.emas_per_decay, self.params, floats, decay_tensor, skip,
                                    validated=True)
 

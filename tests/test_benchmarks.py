@@ -12,6 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench  # noqa: E402
+import cases as C  # noqa: E402
 import methods as M  # noqa: E402
 import models  # noqa: E402
 
@@ -56,9 +57,9 @@ def _float64_loop(case, steps):
     return out
 
 
-@pytest.mark.parametrize("kind", M.KINDS)
+@pytest.mark.parametrize("kind", C.KINDS)
 def test_every_method_matches_a_float64_loop(kind):
-    case = M.build_case("tiny", kind)
+    case = C.build_case("tiny", kind)
     steps = 3
     want = _float64_loop(case, steps)
     ran = []
@@ -85,26 +86,26 @@ def test_every_method_matches_a_float64_loop(kind):
                                            msg=lambda s: f"{m.key} ({kind}): {s}")
         # the harness's own check agrees (after CHECK_STEPS updates)
         case.reset(runner.emas)
-        for _ in range(M.CHECK_STEPS):
+        for _ in range(C.CHECK_STEPS):
             runner.step()
-        assert M.max_error(case, runner.emas) <= bench.CHECK_TOL, m.key
+        assert C.max_error(case, runner.emas) <= bench.CHECK_TOL, m.key
         ran.append(m.key)
     assert "plan" in ran or "plan_multi" in ran
 
 
 def test_the_check_catches_a_wrong_ema():
-    case = M.build_case("tiny", "fp32")
+    case = C.build_case("tiny", "fp32")
     runner = M.METHOD_BY_KEY["plan"].build(case)
     case.reset(runner.emas)
     runner.step()  # one update instead of CHECK_STEPS
-    assert M.max_error(case, runner.emas) > bench.CHECK_TOL
+    assert C.max_error(case, runner.emas) > bench.CHECK_TOL
 
 
 def test_bytes_per_update_counts_honestly():
     n = 1006
-    assert M.build_case("tiny", "fp32").bytes_per_update == 12 * n
-    assert M.build_case("tiny", "bf16").bytes_per_update == 10 * n
-    assert M.build_case("tiny", "fp32x2").bytes_per_update == 20 * n
+    assert C.build_case("tiny", "fp32").bytes_per_update == 12 * n
+    assert C.build_case("tiny", "bf16").bytes_per_update == 10 * n
+    assert C.build_case("tiny", "fp32x2").bytes_per_update == 20 * n
 
 
 def test_plans():

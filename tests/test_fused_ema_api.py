@@ -1,0 +1,354 @@
+"""FusedEMA's drop-in surface (issue 11): settable step, set/reset, store/restore,
+copy_to/update on a parameter list, pickling, .to()/pin_memory(), load_state_dict
+strict=False, copy= by name, a user-supplied EMA model. Numbers against a float64 loop;
+failed calls modify nothing."""
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fused_ema import FusedEMA
+from fused_ema.schedules import Warmup
+
+TOL = dict(rtol=1e-6, atol=1e-7)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def bump(model, amount=0.1):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(amount)
+        model[1].running_mean.add_(amount)
+
+
+def state(module):
+    return {n: t.detach().double().clone() for n, t in module.state_dict().items()}
+
+
+def ref_update(ref, model, decay, average=lambda n: True):
+    params = {n for n, _ in model.named_parameters()}
+    for n, t in model.state_dict().items():
+        x = t.detach().double()
+        if n in params and average(n):
+            ref[n] = decay * ref[n] + (1 - decay) * x
+        else:
+            ref[n] = x.clone()
+
+
+def assert_state(module, ref):
+    for n, t in module.state_dict().items():
+        torch.testing.assert_close(t.detach().double(), ref[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- step
+
+def test_step_is_settable_and_update_takes_step():
+    model = make_model()
+    sched = Warmup(decay=0.999, gamma=1.0, power=1.0)
+    ema = FusedEMA(model, decay=sched)
+    ema.step = 40
+    assert ema.step == 40 and ema.decay_at() == [pytest.approx(sched(40))]
+    ref = state(ema.module)
+    bump(model)
+    ema.update(step=7)  # timm / diffusers pass the optimizer step
+    ref_update(ref, model, sched(7))
+    assert_state(ema.module, ref)
+    assert ema.step == 8
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="step must be an integer"):
+            ema.step = bad
+        with pytest.raises(ValueError, match="step must be an integer"):
+            ema.update(step=bad)
+    assert ema.step == 8
+
+
+# ----------------------------------------------------------------------------- set / reset
+
+def test_set_and_reset_copy_the_model():
+    model, other = make_model(0), make_model(1)
+    ema = FusedEMA(model, decays=[0.9, 0.99])
+    bump(model)
+    ema.update()
+    ema.set(other)  # another model of the same names
+    for m in ema.modules:
+        for n, t in m.state_dict().items():
+            assert torch.equal(t, other.state_dict()[n].to(t.dtype)), n
+    assert ema.step == 1
+    ema.set(list(model.parameters()))  # a parameter list: parameters only
+    for n, p in ema.module.named_parameters():
+        assert torch.equal(p, dict(model.named_parameters())[n])
+    ema.reset()
+    assert ema.step == 0
+    for m in ema.modules:
+        assert_same(m.state_dict(), model.state_dict())
+
+
+# ----------------------------------------------------------------------------- store / restore
+
+def test_store_copy_to_restore():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    bump(model)
+    ema.update()
+    before = snapshot(model)
+    ema.store()
+    ema.copy_to()
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, ema.module.state_dict()[n]), n
+    ema.restore()
+    assert_same(model.state_dict(), before)
+    with pytest.raises(RuntimeError, match="without store"):
+        ema.restore()
+
+
+def test_store_restore_of_a_parameter_list():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    bump(model)
+    ema.update()
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    ema.store(params)
+    ema.copy_to(params)
+    for p, e in zip(params, ema.module.parameters()):
+        assert torch.equal(p, e)
+    ema.restore()
+    for p, s in zip(params, saved):
+        assert torch.equal(p, s)
+
+
+# ----------------------------------------------------------------------------- parameter lists
+
+def test_update_from_a_parameter_list_of_the_same_layout():
+    model, other = make_model(0), make_model(1)
+    ema = FusedEMA(model, decays=[0.9, 0.5])
+    refs = [state(m) for m in ema.modules]
+    params = list(other.parameters())
+    for _ in range(3):
+        bump(other, 0.3)
+        ema.update(params)
+        for ref, d in zip(refs, (0.9, 0.5)):
+            for (n, _), p in zip(model.named_parameters(), params):
+                ref[n] = d * ref[n] + (1 - d) * p.detach().double()
+    for m, ref in zip(ema.modules, refs):
+        assert_state(m, ref)  # buffers untouched: a parameter list has none
+    assert ema.step == 3
+
+
+def test_parameter_list_errors_modify_nothing():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5, exclude=["0.bias"])
+    before = snapshot(ema.module)
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="got 5 tensors but this EMA has 6 parameters"):
+        ema.update(params[:-1])
+    with pytest.raises(ValueError, match=r"item 5 has shape \[7\]"):
+        ema.update(params[:-1] + [torch.zeros(7)])
+    with pytest.raises(TypeError, match="item 0 is str"):
+        ema.copy_to(["x"] + params[1:])
+    assert_same(snapshot(ema.module), before)
+    assert ema.step == 0
+    # an excluded parameter is neither averaged nor written back
+    bump(model)
+    ema.update(params)
+    assert torch.equal(ema.module[0].bias, before["0.bias"])
+    target = [p.detach().clone() for p in params]
+    ema.copy_to(target)
+    assert torch.equal(target[1], params[1])
+
+
+# ----------------------------------------------------------------------------- pickling
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_fused_ema_is_copied_whole(how):
+    model = make_model()
+    ema = FusedEMA(model, decays=[0.9, Warmup(0.99)], update_every=2)
+    bump(model)
+    ema.update()
+    ema.update()
+    if how == "deepcopy":
+        twin = copy.deepcopy(ema)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(ema))
+    else:
+        buf = io.BytesIO()
+        torch.save(ema, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.step == ema.step == 2
+    for a, b in zip(ema.modules, twin.modules):
+        assert_same(a.state_dict(), b.state_dict())
+    twin_model = twin._model  # the copy averages its own copy of the online model
+    assert twin_model is not model
+    refs = [state(m) for m in twin.modules]
+    for s in range(2, 6):
+        bump(twin_model)
+        twin.update()
+        for ref, d in zip(refs, twin.decay_at(s)):
+            if (s + 1) % 2 == 0:
+                ref_update(ref, twin_model, d)
+    for m, ref in zip(twin.modules, refs):
+        assert_state(m, ref)
+    for a, b in zip(ema.modules, [state(m) for m in ema.modules]):  # the original is intact
+        assert_state(a, b)
+
+
+def test_pickled_ema_is_not_attached():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = FusedEMA(model, decay=0.5)
+    ema.attach(opt)
+    twin = pickle.loads(pickle.dumps(ema))
+    assert twin._attached == {}
+
+
+# ----------------------------------------------------------------------------- to / pin_memory
+
+def test_to_dtype_and_device():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    assert ema.to(dtype=torch.float64) is ema
+    assert ema.module[0].weight.dtype == torch.float64
+    assert ema.module[1].num_batches_tracked.dtype == torch.int64
+    ref = state(ema.module)
+    bump(model)
+    ema.update()
+    ref_update(ref, model, 0.5)
+    assert_state(ema.module, ref)
+    assert ema.state_dict()["settings"]["ema_dtype"] == "torch.float64"
+    ema.to("cpu")
+    before = snapshot(ema.module)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        ema.to(dtype=torch.int32)
+    assert_same(snapshot(ema.module), before)
+
+
+def test_pin_memory_needs_cuda_and_changes_nothing_without_it():
+    ema = FusedEMA(make_model(), decay=0.5)
+    if torch.cuda.is_available():
+        ema.pin_memory()
+        assert ema.module[0].weight.is_pinned()
+        return
+    before = snapshot(ema.module)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        ema.pin_memory()
+    assert_same(snapshot(ema.module), before)
+
+
+# ----------------------------------------------------------------------------- load_state_dict
+
+def test_load_state_dict_strict_false_adopts_decay_and_step():
+    src = FusedEMA(make_model(), decay=0.99, update_after_step=3)
+    src.update()
+    src.update()
+    sd = src.state_dict()
+    ema = FusedEMA(make_model(1), decay=0.5)
+    before = snapshot(ema.module)
+    with pytest.raises(ValueError, match="other settings"):
+        ema.load_state_dict(sd)
+    assert_same(snapshot(ema.module), before)
+    with pytest.warns(UserWarning, match="adopted"):
+        ema.load_state_dict(sd, strict=False)
+    assert ema.step == 2 and ema.update_after_step == 3
+    assert ema.decay_at(10) == [pytest.approx(0.99)]
+    assert_same(snapshot(ema.module), snapshot(src.module))
+
+
+def test_load_state_dict_strict_false_still_refuses_what_changes_tensors():
+    sd = FusedEMA(make_model(), decay=0.5, ema_dtype=torch.float64).state_dict()
+    ema = FusedEMA(make_model(), decay=0.9)
+    before = snapshot(ema.module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="ema_dtype"):
+            ema.load_state_dict(sd, strict=False)
+    assert_same(snapshot(ema.module), before)
+    assert ema.decay_at(0) == [pytest.approx(0.9)]
+
+
+# ----------------------------------------------------------------------------- copy=
+
+def test_copy_by_name():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5, copy=["3.*"])
+    ref = state(ema.module)
+    for _ in range(2):
+        bump(model)
+        ema.update()
+        ref_update(ref, model, 0.5, average=lambda n: not n.startswith("3."))
+    assert_state(ema.module, ref)
+    ema.replan()  # requires_grad=True does not turn a copied parameter back into averaged
+    bump(model)
+    ema.update()
+    ref_update(ref, model, 0.5, average=lambda n: not n.startswith("3."))
+    assert_state(ema.module, ref)
+    assert ema.state_dict()["settings"]["copy"] == ["3.*"]
+    with pytest.raises(ValueError, match="match no parameter"):
+        FusedEMA(model, decay=0.5, copy=["nothing.here"])
+
+
+# ----------------------------------------------------------------------------- ema_model=
+
+class Hooked(nn.Module):
+    """A module deepcopy refuses (a non-leaf tensor attribute, as weight_norm leaves after
+    a forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.cache = self.lin.weight * 2  # non-leaf: deepcopy raises
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_user_supplied_ema_model():
+    model = Hooked()
+    with pytest.raises(TypeError, match="ema_model="):
+        FusedEMA(model, decay=0.5)
+    mine = Hooked()
+    ema = FusedEMA(model, decay=0.5, ema_model=mine)
+    assert ema.module is mine and not mine.training
+    assert not any(p.requires_grad for p in mine.parameters())
+    assert torch.equal(mine.lin.weight, model.lin.weight)
+    ref = state(mine)
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)
+    ema.update()
+    ref_update(ref, model, 0.5)
+    assert_state(mine, ref)
+
+
+def test_user_supplied_ema_model_errors_modify_nothing():
+    model = make_model()
+    wrong = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 4))
+    before = snapshot(wrong)
+    with pytest.raises(ValueError, match=r"'3.weight' has shape \[4, 7\] in ema_model"):
+        FusedEMA(model, decay=0.5, ema_model=wrong)
+    assert_same(snapshot(wrong), before)
+    with pytest.raises(ValueError, match="missing"):
+        FusedEMA(model, decay=0.5, ema_model=nn.Linear(5, 7))
+    with pytest.raises(ValueError, match="model itself"):
+        FusedEMA(model, decay=0.5, ema_model=model)
+    with pytest.raises(ValueError, match="one module per decay"):
+        FusedEMA(model, decays=[0.5, 0.9], ema_model=make_model())
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        FusedEMA(model, decay=0.5, ema_model=[3])

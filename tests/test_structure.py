@@ -1,0 +1,209 @@
+"""FusedEMA's parts on their own: the pure selection of what happens to each tensor, the
+per-step identity check (compiled and pure-Python), and the guarantee that a replaced
+or resized tensor is seen before anything is written, however it was replaced."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from fused_ema import EMAPlan, FusedEMA, _ext, selection
+from fused_ema.binding import PyIdentityWatch
+
+WATCHES = [pytest.param(PyIdentityWatch, id="python")]
+if _ext._C is not None:
+    WATCHES.append(pytest.param(_ext._C.IdentityWatch, id="compiled"))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def reference_step(ema_state, model, decay):
+    """float64 EMA of every floating parameter, buffers copied (FusedEMA's defaults)."""
+    params = {n for n, _ in model.named_parameters()}
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        x = t.detach().double()
+        if n in params:
+            ema_state[n] = decay * ema_state[n] + (1 - decay) * x
+        else:
+            ema_state[n] = x.clone()
+
+
+def ema_state_of(module):
+    return {n: t.detach().double().clone()
+            for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+
+
+def assert_state(module, state):
+    for n, t in list(module.named_parameters()) + list(module.named_buffers()):
+        torch.testing.assert_close(t.detach().double(), state[n], rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- selection
+
+def test_selection_is_a_pure_description():
+    model = make_model()
+    model[3].bias.requires_grad_(False)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    sel = selection.select(selection.walk(model), buffers="copy", exclude=["0.bias"],
+                           copy=["*.running_var"])
+    assert sel.excluded == ["0.bias"]
+    assert sel.roles == {
+        "0.weight": "average", "0.bias": "excluded", "1.weight": "average",
+        "1.bias": "average", "1.running_mean": "copy", "1.running_var": "copy",
+        "1.num_batches_tracked": "other", "3.weight": "average", "3.bias": "copy"}
+    assert sel.names == [n for n, r in sel.roles.items() if r != "excluded"]
+    sel_avg = selection.select(selection.walk(model), buffers="average",
+                               copy=["*.running_var"])
+    assert sel_avg.roles["1.running_mean"] == "average"
+    assert sel_avg.roles["1.running_var"] == "copy"  # copy= wins over buffers="average"
+    assert selection.select(selection.walk(model), buffers="ignore").roles[
+        "1.running_mean"] == "ignored"
+    for n, t in model.state_dict().items():  # the model is only read
+        assert torch.equal(t, before[n])
+
+
+def test_selection_errors():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"copy pattern\(s\) \['nothing\*'\] match no"):
+        selection.select(selection.walk(model), copy=["nothing*"])
+    with pytest.raises(TypeError, match="copy takes names"):
+        selection.select(selection.walk(model), copy=[3])
+
+
+def test_walk_drops_wrapper_prefixes_and_ties():
+    model = make_model()
+    model.tied = model[0]  # the same module (and tensors) under a second name
+    names = [s.name for s in selection.walk(model)]
+    assert names.count("0.weight") == 1 and not any(n.startswith("tied.") for n in names)
+    wrapped = nn.Module()
+    wrapped.module = make_model()
+    assert [s.name for s in selection.walk(wrapped)][0] == "0.weight"
+
+
+# ----------------------------------------------------------------------------- the watch
+
+@pytest.mark.parametrize("Watch", WATCHES)
+def test_identity_watch_sees_replacements(Watch):
+    d1 = {"a": object(), "b": object()}
+    d2 = {"c": object()}
+    t = torch.randn(4)
+    watch = Watch([d1, d1, d2], ["a", "b", "c"], [d1["a"], d1["b"], d2["c"]], [t])
+    assert len(watch) == 4
+    assert watch.intact() and watch.intact()  # twice: the second may use the version tags
+    d1["unrelated"] = 1  # a write to a watched dict that keeps every watched entry
+    assert watch.intact()
+    d1["b"] = object()
+    assert not watch.intact()
+    d1["b"] = watch_obj = object()
+    assert not watch.intact()
+    del watch_obj
+    watch = Watch([d1, d2], ["a", "c"], [d1["a"], d2["c"]], [t])
+    del d2["c"]
+    assert not watch.intact()
+    d2["c"] = object()
+    assert not watch.intact()
+    watch = Watch([d1], ["a"], [d1["a"]], [t])
+    t.data = torch.randn(4)  # new storage under the same tensor object
+    assert not watch.intact()
+
+
+@pytest.mark.skipif(_ext._C is None, reason="compiled module not built")
+def test_compiled_identity_watch_refuses_non_dicts():
+    with pytest.raises(TypeError, match="watches dicts"):
+        _ext._C.IdentityWatch([[1]], ["a"], [1], [])
+
+
+# ----------------------------------------------------------------------------- replacements
+
+REPLACEMENTS = {
+    "setattr Parameter": lambda m: setattr(m[0], "weight", nn.Parameter(torch.randn(7, 5))),
+    "dict write": lambda m: m[0]._parameters.__setitem__("weight",
+                                                         nn.Parameter(torch.randn(7, 5))),
+    ".data = same shape": lambda m: setattr(m[0].weight, "data", torch.randn(7, 5)),
+    "buffer assignment": lambda m: setattr(m[1], "running_mean", torch.randn(7)),
+    "submodule": lambda m: m.__setitem__(3, nn.Linear(7, 3)),
+    "resize_ round trip": lambda m: m[3].bias.data.resize_(10_000).resize_(3).normal_(),
+    "set_ to new storage": lambda m: m[3].bias.data.set_(torch.randn(3)),
+    "to(float64)": lambda m: m.double(),
+}
+
+
+@pytest.mark.parametrize("how", list(REPLACEMENTS))
+def test_every_kind_of_replacement_is_followed(how):
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    state = ema_state_of(ema.module)
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                REPLACEMENTS[how](model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ema.update()
+        reference_step(state, model, 0.5)
+        assert_state(ema.module, state)
+
+
+def test_overwrite_module_params_on_conversion_is_followed():
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    state = ema_state_of(ema.module)
+    old = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()  # new Parameter objects written straight into the module dicts
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(old)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    reference_step(state, model, 0.5)
+    assert_state(ema.module, state)
+
+
+@pytest.mark.parametrize("how", ["resize", "setattr", "data"])
+def test_a_tensor_of_another_shape_fails_before_anything_is_written(how):
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    before = {n: t.clone() for n, t in ema.module.state_dict().items()}
+    with torch.no_grad():
+        if how == "resize":
+            model[3].weight.requires_grad_(False).resize_(4, 7)
+        elif how == "setattr":
+            model[3].weight = nn.Parameter(torch.zeros(4, 7))
+        else:
+            model[3].weight.data = torch.zeros(4, 7)
+    with pytest.raises(ValueError, match=re.escape("'3.weight' has shape [4, 7]")):
+        ema.update()
+    for n, t in ema.module.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert ema.step == 0
+
+
+@pytest.mark.parametrize("which", ["param", "ema"])
+@pytest.mark.parametrize("how", ["data", "resize", "dtype view", "transpose"])
+def test_plan_check_sees_every_change_of_params_and_emas(which, how):
+    params = [torch.randn(4, 4) for _ in range(3)] + [torch.randn(0)]
+    emas = [torch.randn(4, 4) for _ in range(3)] + [torch.randn(0)]
+    plan = EMAPlan(emas, params)
+    plan.update_(0.5)
+    target = (params if which == "param" else emas)[1]
+    if how == "data":
+        target.data = torch.randn(4, 4)
+    elif how == "resize":
+        target.resize_(16)
+    elif how == "dtype view":
+        target.data = target.data.view(torch.int32)
+    else:
+        target.data = target.data.t()
+    before = [e.clone() for e in emas]
+    with pytest.raises(RuntimeError, match=rf"{which}s\[1\] was replaced or resized"):
+        plan.update_(0.5)
+    for e, b in zip(emas, before):
+        if e.dtype == b.dtype and e.shape == b.shape:
+            assert torch.equal(e, b)
