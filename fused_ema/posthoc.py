@@ -2,10 +2,10 @@
 
 During training K power-function EMAs (``schedules.PowerFunction``, default sigma_rel 0.05
 and 0.10) are updated in one fused pass by a ``FusedEMA`` with K decays, and every
-``snapshot_every`` steps all K are copied by one fused call into a staging buffer that a
-background thread writes to disk. Afterwards ``synthesize(sigma_rel=...)`` combines the
-snapshots with the least-squares coefficients of ``_posthoc_math.fit``, streaming the files
-one at a time.
+``snapshot_every`` steps all K are copied by one fused call (``torch._foreach_copy_``) into
+a staging buffer that a background thread writes to disk. Afterwards
+``synthesize(sigma_rel=...)`` combines the snapshots with the least-squares coefficients of
+``_posthoc_math.fit``, streaming the files one at a time.
 
 Files in ``directory``: ``posthoc.json`` (settings and the model's tensor names and shapes:
 a directory of another model or settings is refused) and one file per (snapshot, profile),
@@ -28,7 +28,6 @@ from torch import nn
 
 from . import _posthoc_math, distributed
 from .ema import FusedEMA
-from .functional import ema_update_
 from .schedules import PowerFunction
 
 __all__ = ["PostHocEMA", "Synthesis"]
@@ -260,11 +259,11 @@ class PostHocEMA:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copies the K profiles (one fused call) and hands them to the writer thread."""
+        if not self._reconciled:
+            self._refuse_stale()
         t = self.ema.step
         if t == 0:
             raise RuntimeError("fused_ema: no update yet; a snapshot of step 0 averages nothing")
-        if not self._reconciled:
-            self._refuse_stale()
         self._wait()  # the staging buffer is free again
         sds = [m.state_dict() for m in self.ema.modules]
         if self._staging is None:
@@ -279,12 +278,9 @@ class PostHocEMA:
                 views.append(self._staging[k][self._offsets[i]:self._offsets[i + 1]]
                              .view(src.shape))
                 sources.append(src)
-        try:
-            ema_update_(views, sources, 0.0)  # decay 0: an exact copy (rounded to the dtype)
-        except RuntimeError:
-            # e.g. a channels_last EMA tensor: the engine wants matching layouts
-            for v, src in zip(views, sources):
-                v.copy_(src)
+        # One fused copy (ATen's multi-tensor copy, converting to the snapshot dtype). Not the
+        # engine with decay 0: its lerp keeps a NaN/inf already in the destination.
+        torch._foreach_copy_(views, sources)
         kept = [{n: distributed.local(sd[n]).detach().to("cpu", copy=True) for n in self._kept}
                 for sd in sds]
         event = None
@@ -429,8 +425,8 @@ class PostHocEMA:
         snapshot), as a state dict for the model, from the snapshots up to ``step``.
 
         Streams the files one by one (peak memory: the result plus one snapshot of one
-        profile, memory-mapped). Averaged tensors are accumulated in float32 and returned in
-        the EMA's dtype; copied buffers and integer tensors come from the newest snapshot
+        profile, memory-mapped). Averaged tensors are accumulated in float32 (float64 for
+        float64 snapshots) and returned in the EMA's dtype; copied buffers and integer tensors come from the newest snapshot
         used. ``self.last_synthesis`` says how well the profile was matched. A file that
         fails its length/checksum check is skipped (with a warning) and the coefficients are
         solved again without it: no partial file is ever used.
@@ -439,7 +435,8 @@ class PostHocEMA:
         bad = set()
         while True:
             synthesis, used = self.fit(sigma_rel, step, gamma=gamma, _exclude=bad)
-            acc = torch.zeros(self._offsets[-1], dtype=torch.float32)
+            acc_dtype = torch.promote_types(self.snapshot_dtype, torch.float32)
+            acc = torch.zeros(self._offsets[-1], dtype=acc_dtype)
             kept = None
             failed = None
             for (_, k, s, path), c in zip(used, synthesis.coefficients):
@@ -447,7 +444,7 @@ class PostHocEMA:
                 if payload is None:
                     failed = (path, why)
                     break
-                acc.add_(payload["data"].to(torch.float32), alpha=c)
+                acc.add_(payload["data"].to(acc_dtype), alpha=c)
                 kept = payload["kept"]  # the newest file's (files come oldest first)
                 del payload
             if failed is None:
