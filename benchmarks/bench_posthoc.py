@@ -12,12 +12,13 @@ Snapshot: the time the training thread is held by ``PostHocEMA.snapshot()`` (the
 into the staging buffer) and the writer's total (copy + CRC + ``torch.save`` + fsync),
 against ``ema_pytorch.PostHocEMA.checkpoint()`` (fp16, synchronous).
 
-Synthesis: wall time and peak resident memory above the process's baseline, for 10 and 100
-snapshots (each run in a fresh subprocess so that ``ru_maxrss`` measures it alone), ours
-(fp32 snapshots, streamed) and ema-pytorch's (fp16 snapshots).
+Synthesis: wall time and peak resident memory above the process's baseline (the model and
+its live EMAs), for 10 and 100 snapshots, each in a fresh subprocess (Linux: the peak is
+reset through /proc/self/clear_refs), ours (fp32 snapshots, streamed) and ema-pytorch's
+(fp16 snapshots).
 
     python benchmarks/bench_posthoc.py                       # resnet50 + many_small
-    python benchmarks/bench_posthoc.py --models tiny --quick # smoke test
+    python benchmarks/bench_posthoc.py --models tiny --synth tiny:3,tiny:10 --quick  # smoke
 
 Writes bench_posthoc.md / .json under --out (default benchmarks/results).
 """
@@ -25,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -168,22 +168,34 @@ def synth_child(which: str, model: str, directory: str) -> None:
         ref = ema_pytorch.PostHocEMA(net, sigma_rels=SIGMA_RELS, update_every=1,
                                      checkpoint_every_num_steps=10, checkpoint_folder=directory)
         run = lambda: ref.synthesize_ema_model(sigma_rel=0.07)  # noqa: E731
-    # the baseline holds the model and the live EMAs (the state of a training process)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The baseline holds the model and the live EMAs (the state of a training process).
+    # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS, so the peak
+    # read afterwards is the synthesis's own (file pages mapped by mmap count too).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run()
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kb("VmHWM") * 1024
     del result
     print(json.dumps({"seconds": dt, "peak_above_baseline_bytes": peak - base}))
 
 
-def synthesis(model: str, counts: List[int], workdir: str) -> Dict[str, dict]:
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def synthesis(runs: List[tuple], workdir: str) -> Dict[str, dict]:
     out = {}
-    model_bytes = sum(numel(s) for _, s in spec(model)) * 4
-    for count in counts:
+    for model, count in runs:
+        model_bytes = sum(numel(s) for _, s in spec(model)) * 4
         dirs = make_snapshots(model, count, workdir)
         for which in ("ours", "theirs"):
             if dirs[which] is None:
@@ -196,7 +208,7 @@ def synthesis(model: str, counts: List[int], workdir: str) -> Dict[str, dict]:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             name = "fused_ema (fp32 snapshots, streamed)" if which == "ours" else \
                 "ema-pytorch (fp16 snapshots)"
-            out[f"{name}, {count} snapshots"] = {
+            out[f"{label(model)} | {name}, {count} snapshots"] = {
                 "seconds": r["seconds"],
                 "peak_MB": r["peak_above_baseline_bytes"] / 2**20,
                 "peak_model_copies": r["peak_above_baseline_bytes"] / model_bytes,
@@ -210,8 +222,8 @@ def synthesis(model: str, counts: List[int], workdir: str) -> Dict[str, dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet50,many_small")
-    p.add_argument("--synth-model", default="many_small",
-                   help="parameter set of the synthesis runs (100 snapshots of it go to disk)")
+    p.add_argument("--synth", default="resnet50:10,many_small:10,many_small:100",
+                   help="synthesis runs, model:snapshots (each snapshot = 2 fp32 copies on disk)")
     p.add_argument("--seconds", type=float, default=6.0, help="timing per method and model")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true")
@@ -222,9 +234,9 @@ def main(argv=None):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.synth_child:
         return synth_child(*args.synth_child)
-    counts = [10, 100]
+    runs = [(m, int(c)) for m, c in (x.split(":") for x in args.synth.split(","))]
     if args.quick:
-        args.seconds, args.rounds, counts = 0.3, 1, [3, 10]
+        args.seconds, args.rounds = 0.3, 1
     workdir = tempfile.mkdtemp(prefix="bench_posthoc_")
     t_start = time.perf_counter()
     results = {"per_step": {}, "snapshot": {}, "synthesis": {}}
@@ -234,8 +246,8 @@ def main(argv=None):
             results["per_step"][model] = per_step(model, args.seconds, args.rounds, workdir)
             print(f"[snapshot] {model}", flush=True)
             results["snapshot"][model] = snapshot_cost(model, 3 if args.quick else 5, workdir)
-        print(f"[synthesis] {args.synth_model}", flush=True)
-        results["synthesis"][args.synth_model] = synthesis(args.synth_model, counts, workdir)
+        print(f"[synthesis] {args.synth}", flush=True)
+        results["synthesis"] = synthesis(runs, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"command": "python benchmarks/bench_posthoc.py " + " ".join(argv or sys.argv[1:]),
@@ -272,10 +284,9 @@ def write(results: dict, meta: dict, out: str, quick: bool) -> None:
     lines += ["", "## Synthesis (sigma_rel 0.07), each in a fresh process", "",
               "| parameter set | method, snapshots | seconds | peak MB above baseline | "
               "= fp32 model copies |", "|---|---|---|---|---|"]
-    for model, rows in results["synthesis"].items():
-        for k, r in rows.items():
-            lines.append(f"| {label(model)} | {k} | {r['seconds']:.2f} | {r['peak_MB']:.0f} | "
-                         f"{r['peak_model_copies']:.2f} |")
+    for k, r in results["synthesis"].items():
+        lines.append(f"| {k} | {r['seconds']:.2f} | {r['peak_MB']:.0f} | "
+                     f"{r['peak_model_copies']:.2f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(text)

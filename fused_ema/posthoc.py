@@ -445,7 +445,9 @@ class PostHocEMA:
                     failed = (path, why)
                     break
                 acc.add_(payload["data"].to(acc_dtype), alpha=c)
-                kept = payload["kept"]  # the newest file's (files come oldest first)
+                # the newest file's (files come oldest first); cloned, as a view would keep
+                # that file's whole memory map alive
+                kept = {n: v.clone() for n, v in payload["kept"].items()}
                 del payload
             if failed is None:
                 break
@@ -538,7 +540,8 @@ class _Handle:
 def _like(ref: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` in ``ref``'s dtype and device (a DTensor with ref's placements for shards)."""
     local_ref = distributed.local(ref)
-    value = value.to(device=local_ref.device, dtype=local_ref.dtype).clone()
+    # a view of the accumulator when dtype and device already match: no second copy
+    value = value.to(device=local_ref.device, dtype=local_ref.dtype)
     if distributed.is_dtensor(ref):
         from torch.distributed.tensor import DTensor
         return DTensor.from_local(value, ref.device_mesh, ref.placements, run_check=False,
