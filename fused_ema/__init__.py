@@ -2,6 +2,8 @@
 from . import schedules
 from .ema import FusedEMA
 from .functional import EMAPlan, backend, ema_update_, multi_ema_update_
+from .posthoc import PostHocEMA
 
-__all__ = ["EMAPlan", "FusedEMA", "backend", "ema_update_", "multi_ema_update_", "schedules"]
+__all__ = ["EMAPlan", "FusedEMA", "backend", "ema_update_", "multi_ema_update_", "PostHocEMA",
+           "schedules"]
 __version__ = "0.1.0"

@@ -20,13 +20,15 @@ same schedule.
 0.99900...
 >>> schedules.Cosine(0.996, total_steps=100)(100)
 1.0
+>>> schedules.PowerFunction(gamma=6.94)(1)  # doctest: +ELLIPSIS
+0.00407...
 """
 import math
 from typing import Any, Dict
 
 import torch
 
-__all__ = ["Schedule", "Constant", "Warmup", "Cosine", "HalfLife"]
+__all__ = ["Schedule", "Constant", "Warmup", "Cosine", "HalfLife", "PowerFunction"]
 
 
 def _check_unit(name: str, value) -> float:
@@ -185,3 +187,48 @@ class HalfLife(Constant):
 
     def settings(self) -> Dict[str, Any]:
         return {"type": "HalfLife", "half_life": self.half_life}
+
+
+class PowerFunction(Schedule):
+    """EDM2's power-function EMA (Karras et al. 2024): update ``t = step + 1`` uses
+    ``beta_t = (1 - 1/t) ** (gamma + 1)``, so after ``t`` updates the EMA averages the weights
+    with a profile proportional to ``tau ** gamma`` over the whole run (``0`` at the first
+    update: a copy). ``from_sigma_rel(0.10)`` gives the profile of relative width 0.10
+    (gamma = 6.94); ``sigma_rel`` is at most 0.30028 (gamma = -0.38197).
+    """
+
+    def __init__(self, gamma: float):
+        from ._posthoc_math import GAMMA_MIN
+        try:
+            g = float(gamma)
+        except (TypeError, ValueError):
+            raise TypeError(f"fused_ema: gamma must be a number, got {gamma!r}") from None
+        if not (math.isfinite(g) and g >= GAMMA_MIN):
+            raise ValueError(f"fused_ema: gamma must be a finite number >= {GAMMA_MIN:.5f} (the "
+                             f"power-function profile of largest sigma_rel), got {g}")
+        self.gamma = g
+
+    @classmethod
+    def from_sigma_rel(cls, sigma_rel: float) -> "PowerFunction":
+        from ._posthoc_math import sigma_rel_to_gamma
+        return cls(sigma_rel_to_gamma(sigma_rel))
+
+    @property
+    def sigma_rel(self) -> float:
+        from ._posthoc_math import gamma_to_sigma_rel
+        return gamma_to_sigma_rel(self.gamma)
+
+    def __call__(self, step: int) -> float:
+        t = max(step, 0) + 1
+        return (1.0 - 1.0 / t) ** (self.gamma + 1.0)
+
+    def tensor(self, step: torch.Tensor) -> torch.Tensor:
+        t = step.to(torch.float64).clamp(min=0) + 1.0
+        return (1.0 - 1.0 / t) ** (self.gamma + 1.0)
+
+    @property
+    def max_decay(self) -> float:
+        return 1.0
+
+    def settings(self) -> Dict[str, Any]:
+        return {"type": "PowerFunction", "gamma": self.gamma}
