@@ -3,8 +3,9 @@ towards a list of source tensors, checked whole before anything is written.
 
 The engine (``fused_ema.ema_update_``) takes contiguous tensors; dense tensors of the
 same layout on both sides (channels_last weights and their clones) go through it as
-1-D views. Anything else (a strided view, an EMA on another device than its source)
-takes ``Tensor.lerp_``, which uses the same two-branch formula.
+1-D views; a source on another device than its EMA (an offloaded EMA) is copied over
+first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
+two-branch formula.
 """
 from typing import List, Sequence
 
@@ -56,8 +57,8 @@ def lerp_(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], decay: flo
             raise TypeError(f"fused_ema: {what}[{i}] / {src_what}[{i}] are {e.dtype} / {s.dtype}; "
                             "only floating-point tensors can be averaged")
         if e.device != s.device:
-            slow.append((e, s))
-        elif e.is_contiguous() and s.is_contiguous():
+            s = s.to(e.device, memory_format=torch.preserve_format)
+        if e.is_contiguous() and s.is_contiguous():
             fused_e.append(e)
             fused_s.append(s)
         elif e.stride() == s.stride() and _dense(e):
