@@ -170,3 +170,19 @@ def test_user_supplied_ema_model_and_bad_input():
     for k, v in before.items():
         if k.startswith("ema_model."):
             assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("inv_gamma,power,min_value,beta", [
+    (1.0, 2 / 3, 0.0, 0.9999), (1.0, 3 / 4, 0.2, 0.999), (2.0, 0.5, 0.0, 0.99),
+    (3.0, 1.0, 0.5, 0.995), (1.5, 0.37, 0.0, 1.0)])
+def test_decay_schedule_bit_for_bit(inv_gamma, power, min_value, beta):
+    """The decay at every step of a long run is ema-pytorch's float, to the bit."""
+    model = nn.Linear(2, 2)
+    kw = dict(beta=beta, update_after_step=5, inv_gamma=inv_gamma, power=power,
+              min_value=min_value)
+    mine, theirs = ours.EMA(model, **kw), ema_pytorch.EMA(model, **kw)
+    steps = list(range(0, 3000)) + list(range(3000, 400_000, 997)) + [10 ** 7]
+    for step in steps:
+        mine._host_step = step
+        theirs.step.fill_(step)
+        assert mine.get_current_decay() == theirs.get_current_decay(), step

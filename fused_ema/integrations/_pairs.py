@@ -7,11 +7,11 @@ same layout on both sides (channels_last weights and their clones) go through it
 first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
 two-branch formula.
 """
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..functional import ema_update_
+from ..functional import EMAPlan, ema_update_
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -86,3 +86,32 @@ def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
         else:
             for d, s in zip(dsts, srcs):
                 d.copy_(s)
+
+
+class Lerp:
+    """``lerp_`` with a cache: an adapter calls it with the same tensors at every step, so
+    the first call validates them and builds an ``EMAPlan``; later calls with the same
+    tensor objects (checked by identity, the plan checks storage and shape) are one call.
+    Lists with tensors the plan cannot take as they are (strided, another device) always
+    take the uncached ``lerp_``."""
+
+    def __init__(self, what: str = "shadow params", src_what: str = "params"):
+        self.what, self.src_what = what, src_what
+        self._key: Tuple = ()
+        self._plan = None
+
+    def __call__(self, emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+                 decay: float) -> None:
+        key = (tuple(map(id, emas)), tuple(map(id, srcs)))
+        if key == self._key and type(decay) is float and 0.0 <= decay <= 1.0:
+            try:
+                self._plan.update_(decay)
+                return
+            except RuntimeError:
+                self._key, self._plan = (), None  # a tensor got new storage: plan again
+        emas, srcs = list(emas), list(srcs)
+        lerp_(emas, srcs, decay, self.what, self.src_what)  # validates, then updates
+        if all(e.device == s.device and e.is_contiguous() and s.is_contiguous()
+               for e, s in zip(emas, srcs)):
+            self._plan = EMAPlan(emas, srcs)
+            self._key = key

@@ -79,6 +79,7 @@ class EMAModel:
         self.foreach = foreach
         self.model_cls = model_cls
         self.model_config = model_config
+        self._lerp = _pairs.Lerp("shadow params", "parameters")  # the plan, built once
 
     @classmethod
     def from_pretrained(cls, path, model_cls, foreach: bool = False) -> "EMAModel":
@@ -135,7 +136,7 @@ class EMAModel:
             else:
                 copy_s.append(s)
                 copy_p.append(p)
-        _pairs.lerp_(avg_s, avg_p, decay, "shadow params", "parameters")
+        self._lerp(avg_s, avg_p, decay)
         _pairs.copy_(copy_s, [p.to(s.device) for s, p in zip(copy_s, copy_p)])
         self.optimization_step += 1
         self.cur_decay_value = decay

@@ -23,6 +23,7 @@ the host (ema-pytorch calls ``.item()`` on its buffers at every update). A pytre
 from copy import deepcopy
 from typing import Callable, Optional, Set, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,6 +103,9 @@ class EMA(nn.Module):
         self.coerce_dtype = coerce_dtype
         self.move_ema_to_online_device = move_ema_to_online_device
         self.use_foreach = use_foreach  # accepted for compatibility: the update is always fused
+        self._lerp_to_ema = _pairs.Lerp("ema tensors", "model tensors")
+        self._lerp_to_model = _pairs.Lerp("model tensors", "ema tensors")
+        self._saturated: Optional[tuple] = None  # (settings, first epoch at beta)
         self.register_buffer("initted", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0))
         # host copies of the two counters (no device sync per update); refreshed on load
@@ -191,13 +195,23 @@ class EMA(nn.Module):
     # -------------------------------------------------------------- the update
 
     def get_current_decay(self) -> float:
-        # ema-pytorch's arithmetic, kept: int64 step -> float32 tensor ops -> .item()
-        step = torch.tensor(self._host_step)
-        epoch = (step - self.update_after_step - 1).clamp(min=0.0)
-        value = 1 - (1 + epoch / self.inv_gamma) ** -self.power
-        if epoch.item() <= 0:
+        """ema-pytorch's decay, to the bit: its warmup is float32 tensor arithmetic (so
+        beta=0.999 gives float32(0.999) = 0.99900001287...). The pow runs as the same
+        0-d float32 torch ops; the integer step and the clamp are done on the host, where
+        they give the same values."""
+        epoch = max(self._host_step - self.update_after_step - 1, 0)
+        if epoch <= 0:
             return 0.0
-        return value.clamp(min=self.min_value, max=self.beta).item()
+        top = float(np.float32(self.beta))
+        settings = (self.update_after_step, self.inv_gamma, self.power, self.min_value, top)
+        if self._saturated is not None and self._saturated[0] == settings and \
+                epoch >= self._saturated[1]:
+            return top  # the warmup only grows: clamped to beta from here on
+        e = torch.tensor(float(epoch), dtype=torch.float32)
+        value = (1 - (1 + e / self.inv_gamma) ** -self.power).item()
+        if value >= top:
+            self._saturated = (settings, epoch)
+        return min(max(value, float(np.float32(self.min_value))), top)
 
     def update(self) -> None:
         step = self._host_step
@@ -242,14 +256,17 @@ class EMA(nn.Module):
             for (name, cur), (_, ma) in zip(it(current_model), it(ma_model)):
                 if self._skipped(name):
                     continue
+                # the tensor objects themselves (not .data): the same at every step, so
+                # the cached plan is found by identity
                 if name in self.param_or_buffer_names_no_ema:
-                    copy_d.append(ma.data)
-                    copy_s.append(cur.data)
+                    copy_d.append(ma)
+                    copy_s.append(cur)
                 else:
-                    lerp_d.append(ma.data)
-                    lerp_s.append(cur.data)
+                    lerp_d.append(ma)
+                    lerp_s.append(cur)
         _pairs.check_pairs(copy_d, copy_s, "ema tensors", "model tensors")
-        _pairs.lerp_(lerp_d, lerp_s, current_decay, "ema tensors", "model tensors")
+        lerp = self._lerp_to_ema if ma_model is self.ema_model else self._lerp_to_model
+        lerp(lerp_d, lerp_s, current_decay)
         self._copy(copy_d, copy_s)
 
     def __call__(self, *args, **kwargs):

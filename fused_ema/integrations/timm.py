@@ -94,6 +94,7 @@ class ModelEmaV3(nn.Module):
             self.module.to(dtype=dtype)
         self._sr_generator = torch.Generator(device=next(self.module.parameters()).device)
         self._sr_generator.manual_seed(stochastic_rounding_seed)
+        self._lerp = _pairs.Lerp("ema tensors", "model tensors")
 
     def get_decay(self, step: Optional[int] = None) -> float:
         """The decay of the update at ``step`` (timm's schedule; ``None``: ``decay``)."""
@@ -118,7 +119,7 @@ class ModelEmaV3(nn.Module):
             else:
                 plain_e.append(e)
                 plain_m.append(m)
-        _pairs.lerp_(plain_e, plain_m, decay, "ema tensors", "model tensors")
+        self._lerp(plain_e, plain_m, decay)
         _stochastic_round_lerp_bf16_(sr_e, sr_m, decay, self._sr_generator)
         _pairs.copy_(copy_e, [m.to(e.device) for e, m in zip(copy_e, copy_m)],
                      "ema tensors", "model tensors")
@@ -131,8 +132,10 @@ class ModelEmaV3(nn.Module):
             self._apply(list(self.module.parameters()), list(model.parameters()),
                         list(self.module.buffers()), list(model.buffers()), decay)
             return
-        ema_sd = list(self.module.state_dict().values())
-        model_sd = list(model.state_dict().values())
+        # keep_vars: the tensor objects themselves, the same at every step (the cached
+        # plan is found by identity); the order is state_dict's, as timm pairs them
+        ema_sd = list(self.module.state_dict(keep_vars=True).values())
+        model_sd = list(model.state_dict(keep_vars=True).values())
         if len(ema_sd) != len(model_sd):
             raise ValueError(f"fused_ema: the model's state_dict has {len(model_sd)} entries, "
                              f"the EMA's {len(ema_sd)}")
