@@ -1,0 +1,117 @@
+"""The one fused step every adapter shares: lerp (or copy) a list of EMA tensors
+towards a list of source tensors, checked whole before anything is written.
+
+The engine (``fused_ema.ema_update_``) takes contiguous tensors; dense tensors of the
+same layout on both sides (channels_last weights and their clones) go through it as
+1-D views; a source on another device than its EMA (an offloaded EMA) is copied over
+first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
+two-branch formula.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ..functional import EMAPlan, ema_update_
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def check_pairs(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], what: str,
+                src_what: str = "params") -> None:
+    """Raises (naming the index) unless every pair can be averaged; writes nothing."""
+    if len(emas) != len(srcs):
+        raise ValueError(f"fused_ema: got {len(srcs)} {src_what} for {len(emas)} {what}; "
+                         "the lists must be equally long")
+    for i, (e, s) in enumerate(zip(emas, srcs)):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"fused_ema: {src_what}[{i}] is {type(s).__name__}, not a tensor")
+        if e.shape != s.shape:
+            raise ValueError(f"fused_ema: {src_what}[{i}] has shape {list(s.shape)} but "
+                             f"{what}[{i}] has {list(e.shape)}")
+
+
+def lerp_(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], decay: float,
+          what: str = "shadow params", src_what: str = "params") -> None:
+    """``emas[i].lerp_(srcs[i], 1 - decay)`` for all i: one fused call for all tensors the
+    engine takes, ``Tensor.lerp_`` for the rest. Nothing is written if any pair is bad."""
+    emas, srcs = list(emas), list(srcs)
+    check_pairs(emas, srcs, what, src_what)
+    fused_e: List[torch.Tensor] = []
+    fused_s: List[torch.Tensor] = []
+    slow = []
+    for i, (e, s) in enumerate(zip(emas, srcs)):
+        if e.dtype not in _FLOAT or s.dtype not in _FLOAT:
+            raise TypeError(f"fused_ema: {what}[{i}] / {src_what}[{i}] are {e.dtype} / {s.dtype}; "
+                            "only floating-point tensors can be averaged")
+        if e.device != s.device:
+            s = s.to(e.device, memory_format=torch.preserve_format)
+        if e.is_contiguous() and s.is_contiguous():
+            fused_e.append(e)
+            fused_s.append(s)
+        elif e.stride() == s.stride() and _dense(e):
+            fused_e.append(_flat(e))
+            fused_s.append(_flat(s))
+        else:
+            slow.append((e, s))
+    with torch.no_grad():
+        ema_update_(fused_e, fused_s, decay)  # validates all its tensors before writing
+        weight = 1.0 - decay
+        for e, s in slow:
+            e.lerp_(s.to(device=e.device, dtype=e.dtype), weight)
+
+
+def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+          what: str = "shadow params", src_what: str = "params") -> None:
+    """``dsts[i].copy_(srcs[i])`` for all i, checked whole first."""
+    dsts, srcs = list(dsts), list(srcs)
+    check_pairs(dsts, srcs, what, src_what)
+    if not dsts:
+        return
+    with torch.no_grad():
+        if all(d.device == s.device and d.dtype == s.dtype for d, s in zip(dsts, srcs)):
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            for d, s in zip(dsts, srcs):
+                d.copy_(s)
+
+
+class Lerp:
+    """``lerp_`` with a cache: an adapter calls it with the same tensors at every step, so
+    the first call validates them and builds an ``EMAPlan``; later calls with the same
+    tensor objects (checked by identity, the plan checks storage and shape) are one call.
+    Lists with tensors the plan cannot take as they are (strided, another device) always
+    take the uncached ``lerp_``."""
+
+    def __init__(self, what: str = "shadow params", src_what: str = "params"):
+        self.what, self.src_what = what, src_what
+        self._key: Tuple = ()
+        self._plan = None
+
+    def __call__(self, emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+                 decay: float) -> None:
+        key = (tuple(map(id, emas)), tuple(map(id, srcs)))
+        if key == self._key and type(decay) is float and 0.0 <= decay <= 1.0:
+            try:
+                self._plan.update_(decay)
+                return
+            except RuntimeError:
+                self._key, self._plan = (), None  # a tensor got new storage: plan again
+        emas, srcs = list(emas), list(srcs)
+        lerp_(emas, srcs, decay, self.what, self.src_what)  # validates, then updates
+        if all(e.device == s.device and e.is_contiguous() and s.is_contiguous()
+               for e, s in zip(emas, srcs)):
+            self._plan = EMAPlan(emas, srcs)
+            self._key = key
