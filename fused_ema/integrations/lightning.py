@@ -31,14 +31,6 @@ from ..ema import FusedEMA
 __all__ = ["EMAWeightAveraging"]
 
 
-def _set_step(ema: FusedEMA, step: int) -> None:
-    """Sets FusedEMA's update counter. TEMPORARY: FusedEMA gets a public ``step`` setter
-    (issue 11); switch to ``ema.step = step`` when it lands."""
-    ema._step = int(step)
-    if ema.capturable:
-        ema._step_t.fill_(int(step))
-
-
 try:  # subclass Lightning's Callback when Lightning is installed (the Trainer checks it)
     from lightning.pytorch.callbacks.callback import Callback as _Callback
 except ImportError:  # pragma: no cover - the class is unusable without Lightning anyway
@@ -177,6 +169,6 @@ class EMAWeightAveraging(_Callback):
             n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
             self.ema.module.load_state_dict(checkpoint["state_dict"])
             pl_module.load_state_dict(checkpoint["current_model_state"])
-            _set_step(self.ema, n)
+            self.ema.step = n
         else:  # not written with weight averaging: both start from the model's weights
             self.ema.module.load_state_dict(checkpoint["state_dict"], strict=False)
