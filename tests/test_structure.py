@@ -132,10 +132,21 @@ REPLACEMENTS = {
 }
 
 
+@pytest.fixture(params=[p.id for p in WATCHES])
+def watch_kind(request, monkeypatch):
+    """Runs a FusedEMA test with the compiled identity watch and with the pure-Python one."""
+    if request.param == "python":
+        from fused_ema import binding
+        monkeypatch.setattr(binding, "identity_watch", PyIdentityWatch)
+    return request.param
+
+
 @pytest.mark.parametrize("how", list(REPLACEMENTS))
-def test_every_kind_of_replacement_is_followed(how):
+def test_every_kind_of_replacement_is_followed(how, watch_kind):
     model = make_model()
     ema = FusedEMA(model, decay=0.5)
+    assert type(ema._binding._watch).__name__ == ("PyIdentityWatch" if watch_kind == "python"
+                                                  else "IdentityWatch")
     state = ema_state_of(ema.module)
     for step in range(3):
         if step == 1:
