@@ -276,7 +276,7 @@ __device__ __forceinline__ bool read_update_args(const UpdateArgs& args, double*
 // they fit): a 64-bit division is a subroutine call that costs registers.
 template <typename Body>
 __device__ __forceinline__ void for_each_segment(const Row* rows, int64_t num_rows, Body&& body) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);  // unsigned: one AND
   const uint32_t rows32 = static_cast<uint32_t>(num_rows);
   const uint32_t num_items = rows32 * kSegmentsPerRow;
   for (uint32_t item = blockIdx.x * kWarps + threadIdx.x / kWarpSize; item < num_items;
