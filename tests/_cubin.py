@@ -56,6 +56,7 @@ class Access:
 
 _SPACES = {"LDG": ("global", False), "STG": ("global", True), "LD": ("generic", False),
            "ST": ("generic", True), "LDL": ("local", False), "STL": ("local", True)}
+_ELEMENT_SIZES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 _WIDTHS = {"256": 32, "128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
@@ -109,21 +110,44 @@ class Kernel:
     def body(self, loop):
         return [i for i in self.code if loop[0] <= i.addr <= loop[1]]
 
+    @property
+    def dtype_pair(self):
+        """(param, EMA) element sizes of a kernel made for one dtype pair
+        (`ema_update_kernel<c10::Half, float>`), or None for the mixed-dtype kernels."""
+        m = re.search(r"ema_update_kernel<([\w:]+), ([\w:]+)>", self.display_name or "")
+        if not m or m.group(1) not in _ELEMENT_SIZES or m.group(2) not in _ELEMENT_SIZES:
+            return None
+        return _ELEMENT_SIZES[m.group(1)], _ELEMENT_SIZES[m.group(2)]
+
     def vector_loops(self):
-        """Innermost loops that store 16 bytes or more per thread at once: the main loops."""
+        """Innermost loops with a 16-byte (or wider) global access per thread: the main loops."""
         return [loop for loop in self.innermost_loops()
-                if any(a.is_store and a.width >= 16 and a.space != "local"
+                if any(a.width >= 16 and a.space != "local"
                        for a in self.accesses(self.body(loop)))]
 
+    def allowed_widths(self):
+        """Access widths a main loop may use. A thread moves the same elements of both
+        arrays per step: 16 bytes of the wider one, as many elements of the narrower one
+        (8 bytes of bf16 next to 16 of fp32), so every warp access is contiguous. Anything
+        else (a param read element by element) is narrow."""
+        pair = self.dtype_pair
+        if pair is None:
+            return {16, 32}
+        wide = max(pair)
+        return {16 * size // wide for size in pair}
+
     def narrow_accesses(self, loop):
-        """Global (or generic) loads and stores narrower than 16 bytes in `loop`."""
-        return [a for a in self.accesses(self.body(loop)) if a.space != "local" and a.width < 16]
+        """Global (or generic) accesses in `loop` of a width the design does not allow."""
+        allowed = self.allowed_widths()
+        return [a for a in self.accesses(self.body(loop))
+                if a.space != "local" and a.width not in allowed]
 
     def clean_vector_loops(self):
-        """Main loops that move 16 bytes (or more) per access and nothing narrower.
+        """Main loops whose every access moves a full vector (see allowed_widths).
 
-        A main loop may legitimately also read the plan's table (an EMA slot per decay in
-        the multi-decay path), so these are counted, not required of every main loop."""
+        A mixed-dtype main loop may legitimately also read the plan's table (an EMA slot
+        per decay in the multi-decay path), so for those kernels these are counted, not
+        required of every main loop."""
         return [loop for loop in self.vector_loops() if not self.narrow_accesses(loop)]
 
     def narrow_accesses_in_vector_loops(self):
