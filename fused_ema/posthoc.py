@@ -383,16 +383,19 @@ class PostHocEMA:
 
     # ------------------------------------------------------------------ synthesis
 
-    def fit(self, sigma_rel: Optional[float] = None, step: Optional[int] = None, *,
-            gamma: Optional[float] = None, _exclude=()) -> Tuple[Synthesis, list]:
+    def profile_fit(self, sigma_rel: Optional[float] = None, step: Optional[int] = None, *,
+                    gamma: Optional[float] = None) -> Synthesis:
         """The coefficients and the profile match of a synthesis, without reading the
         snapshots. Raises ValueError for a target the snapshots cannot represent."""
+        return self._fit(sigma_rel, step, gamma)[0]
+
+    def _fit(self, sigma_rel, step, gamma, exclude=()) -> Tuple[Synthesis, list]:
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("fused_ema: give sigma_rel= or gamma=")
         target = (PowerFunction.from_sigma_rel(sigma_rel) if sigma_rel is not None
                   else PowerFunction(gamma))
         self._wait()
-        files = [f for f in self._files() if f[3] not in _exclude]
+        files = [f for f in self._files() if f[3] not in exclude]
         if not files:
             raise ValueError(f"fused_ema: no snapshot in {self.directory} yet")
         first, last = min(f[2] for f in files), max(f[2] for f in files)
@@ -434,7 +437,7 @@ class PostHocEMA:
         skipped: List[str] = []
         bad = set()
         while True:
-            synthesis, used = self.fit(sigma_rel, step, gamma=gamma, _exclude=bad)
+            synthesis, used = self._fit(sigma_rel, step, gamma, bad)
             acc_dtype = torch.promote_types(self.snapshot_dtype, torch.float32)
             acc = torch.zeros(self._offsets[-1], dtype=acc_dtype)
             kept = None

@@ -480,7 +480,8 @@ def test_posthoc_example_quick(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "examples", "posthoc_digits.py"), "--quick",
            "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     png, md = tmp_path / "posthoc_digits.png", tmp_path / "posthoc_digits.md"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -539,3 +540,15 @@ def test_fsdp2_each_rank_writes_its_shards(tmp_path):
     assert res["error"] == pytest.approx(ph.last_synthesis.relative_error, rel=1e-12)
     for n, v in ref.items():
         torch.testing.assert_close(res["full"][n], v, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_fit_reports_without_reading_files(tmp_path):
+    model, ph = _trained(tmp_path, steps=60, every=10)
+    fit = ph.profile_fit(sigma_rel=0.1)
+    assert fit.relative_error < 1e-6 and fit.step == 60 and len(fit.files) == 12
+    assert fit.coefficients[-1] == pytest.approx(1.0, abs=1e-6)
+    fit40 = ph.profile_fit(gamma=pm.sigma_rel_to_gamma(0.07), step=40)
+    assert fit40.step == 40 and len(fit40.files) == 8 and 0 < fit40.relative_error < 0.1
+    # step 45: the target averages steps 41-45 (76% of its weight) that no snapshot holds
+    with pytest.raises(ValueError, match="misses the target profile by 9"):
+        ph.profile_fit(sigma_rel=0.07, step=45)
