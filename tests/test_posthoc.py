@@ -552,3 +552,21 @@ def test_profile_fit_reports_without_reading_files(tmp_path):
     # step 45: the target averages steps 41-45 (76% of its weight) that no snapshot holds
     with pytest.raises(ValueError, match="misses the target profile by 9"):
         ph.profile_fit(sigma_rel=0.07, step=45)
+
+
+def test_snapshot_is_an_exact_copy_whatever_the_staging_buffer_held(tmp_path):
+    """The staging buffer starts uninitialized (and may hold NaN/inf bits): the snapshot must
+    overwrite it, not blend with it (a lerp with weight 1 keeps a NaN already there)."""
+    model = _model()
+    ph = PostHocEMA(model, snapshot_every=10, directory=tmp_path)
+    _train(model, 10, [ph.update])
+    ph.flush()
+    for buf in ph._staging:  # private: plant garbage where the next snapshot goes
+        buf.fill_(float("nan"))
+        buf[::3] = float("inf")
+    _train(model, 20, [ph.update], start=10)
+    ph.flush()
+    for k, module in enumerate(ph.ema.modules):
+        data = torch.load(tmp_path / f"000001-p{k}-step0000000020.pt", weights_only=True)["data"]
+        live = torch.cat([module.state_dict()[n].reshape(-1) for n in ph._averaged])
+        assert torch.equal(data, live)
