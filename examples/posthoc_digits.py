@@ -238,8 +238,9 @@ def reading(cfg, results, sig, loss, acc, fit, best) -> List[str]:
            f"{sig[best]:.3g}, {m[best]:.4f}, against {raw:.4f} for the raw weights."]
     steps_down = int(np.sum(np.diff(m) < 0))
     out.append(f"- Going from shorter to longer averages, the mean loss falls at {steps_down} "
-               f"of the {len(m) - 1} steps of the sweep" + (": on this run, the longer the average the better, "
-               "up to the widest profile." if steps_down == len(m) - 1 else "."))
+               f"of the {len(m) - 1} steps of the sweep"
+               + (": on this run, the longer the average the better, up to the widest profile."
+                  if steps_down == len(m) - 1 else "."))
     raw_per_seed = np.array([r["raw"]["loss"] for r in results])
     gain = raw_per_seed - loss[:, best]  # paired: same seed, same split
     out.append(f"- Paired with the raw weights of the same seed, the best sigma_rel lowers the "

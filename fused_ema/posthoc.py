@@ -16,7 +16,6 @@ and carries its length and CRC-32; a file that fails the check is skipped with a
 import json
 import os
 import re
-import threading
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,7 +159,6 @@ class PostHocEMA:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused_ema-posthoc")
         self._pending: Optional[Future] = None
         self._staging: Optional[List[torch.Tensor]] = None
-        self._lock = threading.Lock()
         self.last_synthesis: Optional[Synthesis] = None
         self._check_directory()
 
@@ -429,8 +427,8 @@ class PostHocEMA:
 
         Streams the files one by one (peak memory: the result plus one snapshot of one
         profile, memory-mapped). Averaged tensors are accumulated in float32 (float64 for
-        float64 snapshots) and returned in the EMA's dtype; copied buffers and integer tensors come from the newest snapshot
-        used. ``self.last_synthesis`` says how well the profile was matched. A file that
+        float64 snapshots) and returned in the EMA's dtype; copied buffers and integer
+        tensors come from the newest snapshot used. ``self.last_synthesis`` says how well the profile was matched. A file that
         fails its length/checksum check is skipped (with a warning) and the coefficients are
         solved again without it: no partial file is ever used.
         """
