@@ -137,6 +137,7 @@ def report(cfg: Config, results: List[dict], out: str, wall: float, command: str
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sig = np.array([p["sigma_rel"] for p in results[0]["sweep"]])
     loss = np.array([[p["loss"] for p in r["sweep"]] for r in results])
@@ -174,6 +175,7 @@ def report(cfg: Config, results: List[dict], out: str, wall: float, command: str
         ax.axhline(0.0, color="gray", ls="--", label="raw weights")
         ax.set_ylim(*ylim)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("sigma_rel (EMA length relative to training time)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -236,8 +238,9 @@ def reading(cfg, results, sig, loss, acc, fit, best) -> List[str]:
            f"{sig[best]:.3g}, {m[best]:.4f}, against {raw:.4f} for the raw weights."]
     steps_down = int(np.sum(np.diff(m) < 0))
     out.append(f"- Going from shorter to longer averages, the mean loss falls at {steps_down} "
-               f"of the {len(m) - 1} steps of the sweep" + (": on this run, the longer the average the better, "
-               "up to the widest profile." if steps_down == len(m) - 1 else "."))
+               f"of the {len(m) - 1} steps of the sweep"
+               + (": on this run, the longer the average the better, up to the widest profile."
+                  if steps_down == len(m) - 1 else "."))
     raw_per_seed = np.array([r["raw"]["loss"] for r in results])
     gain = raw_per_seed - loss[:, best]  # paired: same seed, same split
     out.append(f"- Paired with the raw weights of the same seed, the best sigma_rel lowers the "
@@ -252,6 +255,11 @@ def reading(cfg, results, sig, loss, acc, fit, best) -> List[str]:
                    f"sweep, {spread / raw_per_seed.mean():.1%} of the raw loss: "
                    + ("the curve is nearly flat on this problem." if spread < 0.05 *
                       raw_per_seed.mean() else "the EMA length matters on this problem."))
+        acc_move = (acc[:, inside].max(1) - acc[:, inside].min(1)).mean()
+        n_val = int(round(100 / np.diff(np.unique(acc)).min())) if len(np.unique(acc)) > 1 else 0
+        out.append(f"- Accuracy moves much less: by {acc_move:.2f} points per seed over the same "
+                   f"range" + (f" (one validation image is {100 / n_val:.2f} points)." if n_val
+                               else "."))
     for s in (0.05, 0.10):
         i = int(np.argmin(abs(sig - s)))
         tracked = np.mean([r["tracked"][s]["loss"] for r in results])

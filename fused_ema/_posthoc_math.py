@@ -2,8 +2,8 @@
 
 A power-function EMA with exponent ``gamma`` updated with
 ``beta_t = (1 - 1/t) ** (gamma + 1)`` (t = 1, 2, ... counts the updates) weighs the
-weights of step ``tau`` after ``t`` steps by ``(tau**(gamma+1) - (tau-1)**(gamma+1)) / t**(gamma+1)``:
-exactly the integral over ``[tau - 1, tau]`` of the continuous profile
+weights of step ``tau`` after ``t`` steps by
+``(tau**(gamma+1) - (tau-1)**(gamma+1)) / t**(gamma+1)``: exactly the integral over ``[tau - 1, tau]`` of the continuous profile
 
     p_{t,gamma}(x) = (gamma + 1) * x**gamma / t**(gamma + 1)   on [0, t], 0 after.
 

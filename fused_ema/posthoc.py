@@ -16,7 +16,6 @@ and carries its length and CRC-32; a file that fails the check is skipped with a
 import json
 import os
 import re
-import threading
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,7 +159,6 @@ class PostHocEMA:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused_ema-posthoc")
         self._pending: Optional[Future] = None
         self._staging: Optional[List[torch.Tensor]] = None
-        self._lock = threading.Lock()
         self.last_synthesis: Optional[Synthesis] = None
         self._check_directory()
 
@@ -383,16 +381,19 @@ class PostHocEMA:
 
     # ------------------------------------------------------------------ synthesis
 
-    def fit(self, sigma_rel: Optional[float] = None, step: Optional[int] = None, *,
-            gamma: Optional[float] = None, _exclude=()) -> Tuple[Synthesis, list]:
+    def profile_fit(self, sigma_rel: Optional[float] = None, step: Optional[int] = None, *,
+                    gamma: Optional[float] = None) -> Synthesis:
         """The coefficients and the profile match of a synthesis, without reading the
         snapshots. Raises ValueError for a target the snapshots cannot represent."""
+        return self._fit(sigma_rel, step, gamma)[0]
+
+    def _fit(self, sigma_rel, step, gamma, exclude=()) -> Tuple[Synthesis, list]:
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("fused_ema: give sigma_rel= or gamma=")
         target = (PowerFunction.from_sigma_rel(sigma_rel) if sigma_rel is not None
                   else PowerFunction(gamma))
         self._wait()
-        files = [f for f in self._files() if f[3] not in _exclude]
+        files = [f for f in self._files() if f[3] not in exclude]
         if not files:
             raise ValueError(f"fused_ema: no snapshot in {self.directory} yet")
         first, last = min(f[2] for f in files), max(f[2] for f in files)
@@ -426,15 +427,15 @@ class PostHocEMA:
 
         Streams the files one by one (peak memory: the result plus one snapshot of one
         profile, memory-mapped). Averaged tensors are accumulated in float32 (float64 for
-        float64 snapshots) and returned in the EMA's dtype; copied buffers and integer tensors come from the newest snapshot
-        used. ``self.last_synthesis`` says how well the profile was matched. A file that
+        float64 snapshots) and returned in the EMA's dtype; copied buffers and integer
+        tensors come from the newest snapshot used. ``self.last_synthesis`` says how well the profile was matched. A file that
         fails its length/checksum check is skipped (with a warning) and the coefficients are
         solved again without it: no partial file is ever used.
         """
         skipped: List[str] = []
         bad = set()
         while True:
-            synthesis, used = self.fit(sigma_rel, step, gamma=gamma, _exclude=bad)
+            synthesis, used = self._fit(sigma_rel, step, gamma, bad)
             acc_dtype = torch.promote_types(self.snapshot_dtype, torch.float32)
             acc = torch.zeros(self._offsets[-1], dtype=acc_dtype)
             kept = None
