@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from . import _ext, distributed, functional
+from .fallback import is_dense
 from .functional import EMAPlan
 
 
@@ -46,16 +47,6 @@ def identity_watch(dicts, keys, objects, tensors):
     if _ext._C is not None and all(isinstance(d, dict) for d in dicts):
         return _ext._C.IdentityWatch(list(dicts), list(keys), list(objects), list(tensors))
     return PyIdentityWatch(dicts, keys, objects, tensors)
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (contiguous in some dimension order, e.g. channels_last)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:

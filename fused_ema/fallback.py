@@ -23,7 +23,7 @@ def _span(t: torch.Tensor):
     return begin, begin + t.numel() * t.element_size()
 
 
-def _is_dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: its elements fill numel slots of memory in some order."""
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
@@ -35,7 +35,7 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def _check_dense_and_aligned(t: torch.Tensor, name: str, check_memory: bool) -> None:
     """The compiled kernels walk a dense tensor's storage as one flat array."""
-    if not (t.is_contiguous() or _is_dense(t)):
+    if not (t.is_contiguous() or is_dense(t)):
         raise ValueError(f"fused_ema: {name} is neither contiguous nor dense (strides "
                          f"{list(t.stride())}); pass contiguous or dense (e.g. channels_last) "
                          "tensors")

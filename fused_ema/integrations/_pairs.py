@@ -1,9 +1,8 @@
 """The one fused step every adapter shares: lerp (or copy) a list of EMA tensors
 towards a list of source tensors, checked whole before anything is written.
 
-The engine (``fused_ema.ema_update_``) takes contiguous tensors; dense tensors of the
-same layout on both sides (channels_last weights and their clones) go through it as
-1-D views; a source on another device than its EMA (an offloaded EMA) is copied over
+The engine (``fused_ema.ema_update_``) takes contiguous tensors and dense tensors of the
+same layout on both sides (channels_last weights and their clones) as they are; a source on another device than its EMA (an offloaded EMA) is copied over
 first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
 two-branch formula.
 """
@@ -11,22 +10,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..fallback import is_dense
 from ..functional import EMAPlan, ema_update_
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 def check_pairs(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], what: str,
@@ -58,12 +45,10 @@ def lerp_(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], decay: flo
                             "only floating-point tensors can be averaged")
         if e.device != s.device:
             s = s.to(e.device, memory_format=torch.preserve_format)
-        if e.is_contiguous() and s.is_contiguous():
-            fused_e.append(e)
+        if (e.is_contiguous() and s.is_contiguous()) or (e.stride() == s.stride()
+                                                           and is_dense(e)):
+            fused_e.append(e)  # the engine takes dense layouts (channels_last) as they are
             fused_s.append(s)
-        elif e.stride() == s.stride() and _dense(e):
-            fused_e.append(_flat(e))
-            fused_s.append(_flat(s))
         else:
             slow.append((e, s))
     with torch.no_grad():
