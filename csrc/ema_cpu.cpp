@@ -18,14 +18,29 @@ constexpr int64_t kSerialElements = 32768;
 // block read for the first EMA is still in L1 for the others.
 constexpr int64_t kBlock = 4096;
 
+template <typename ema_t, typename opmath_t, typename param_t>
+C10_ALWAYS_INLINE void lerp_loop(ema_t* __restrict ema, const param_t* __restrict param,
+                                 int64_t n, opmath_t w) {
+  for (int64_t j = 0; j < n; ++j) {
+    ema[j] = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(ema[j]),
+                                                   static_cast<opmath_t>(param[j]), w));
+  }
+}
+
 template <typename ema_t, typename param_t>
 C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema, const param_t* __restrict param,
                                       int64_t n, double decay) {
   using opmath_t = typename OpMath<ema_t>::type;
   const opmath_t w = lerp_weight<opmath_t>(decay);
-  for (int64_t j = 0; j < n; ++j) {
-    ema[j] = static_cast<ema_t>(ema_lerp<opmath_t>(static_cast<opmath_t>(ema[j]),
-                                                   static_cast<opmath_t>(param[j]), w));
+  // ema_lerp's branches are uniform over the span: taken once, here, so each
+  // loop is branch-free and vectorises. The weight-1 arm passes the constant 1:
+  // ema_lerp folds to `param` (a converting copy, whatever the EMA holds).
+  if (w == opmath_t(1)) {
+    lerp_loop(ema, param, n, opmath_t(1));
+  } else if (w < opmath_t(0.5)) {
+    lerp_loop(ema, param, n, w);
+  } else {
+    lerp_loop(ema, param, n, w);
   }
 }
 

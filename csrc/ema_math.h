@@ -39,10 +39,16 @@ C10_ALWAYS_INLINE T mul_rn(T a, T b) { return a * b; }
 #endif
 
 // ema <- lerp(ema, param, weight) with weight = 1 - decay, in torch.lerp's form.
-// Both branches are exact at their end: weight == 0 (decay 1) returns `ema`
-// unchanged, weight == 1 (decay 0) returns `param` exactly.
+// weight == 1 (decay 0, the "copy" of frozen tensors, buffers and the steps
+// before update_after_step) returns `param` itself: the lerp formula would give
+// param - (param - ema) * 0, which is NaN whenever `ema` is NaN or +-inf, so an
+// EMA that once held a non-finite value would never recover. weight == 0
+// (decay 1) returns `ema` unchanged for finite values (ema + 0 * diff).
+// Callers with a uniform weight test weight == 1 and weight < 0.5 once, outside
+// their loops (ema_cpu.cpp, ema_kernel.cuh), so the comparisons here fold away.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp(T ema, T param, T weight) {
+  if (weight == T(1)) return param;
   const T diff = sub_rn(param, ema);
   return (weight < T(0.5)) ? add_rn(ema, mul_rn(weight, diff))
                            : sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));

@@ -204,12 +204,22 @@ def multi_ema_update_(
                 op = torch.float64 if e.dtype == torch.float64 else torch.float32
                 if op not in weights:
                     if decay_tensor is None:
-                        weights[op] = 1.0 - decays[k]
+                        w = 1.0 - decays[k]
+                        # weight 1 in the opmath type (as lerp rounds it): a copy
+                        weights[op] = (w, torch.tensor(w, dtype=op).item() == 1.0)
                     else:
-                        weights[op] = (1.0 - decay_tensor.reshape(-1)[k].double()).to(op)
-                w = weights[op]
+                        weights[op] = ((1.0 - decay_tensor.reshape(-1)[k].double()).to(op), None)
+                w, copy = weights[op]
                 target = e if e.dtype == op else e.to(op)
-                new = target.lerp(p.to(op), w)
+                src = p.to(op)
+                # Weight 1 (decay 0) is a copy, as in csrc/ema_math.h: lerp's
+                # formula would keep a NaN or inf EMA non-finite forever.
+                if copy is None:  # a device weight: no host sync
+                    new = torch.where(w == 1, src, target.lerp(src, w))
+                elif copy:
+                    new = src
+                else:
+                    new = target.lerp(src, w)
                 if device_skip is not None:
                     new = torch.where(device_skip, target, new)
                 e.copy_(new)

@@ -276,8 +276,8 @@ class PostHocEMA:
                 views.append(self._staging[k][self._offsets[i]:self._offsets[i + 1]]
                              .view(src.shape))
                 sources.append(src)
-        # One fused copy (ATen's multi-tensor copy, converting to the snapshot dtype). Not the
-        # engine with decay 0: its lerp keeps a NaN/inf already in the destination.
+        # One fused copy (ATen's multi-tensor copy, converting to the snapshot dtype); the
+        # staging buffer starts uninitialized (NaN/inf bits included) and is overwritten.
         torch._foreach_copy_(views, sources)
         kept = [{n: distributed.local(sd[n]).detach().to("cpu", copy=True) for n in self._kept}
                 for sd in sds]

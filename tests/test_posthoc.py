@@ -558,7 +558,7 @@ def test_profile_fit_reports_without_reading_files(tmp_path):
 
 def test_snapshot_is_an_exact_copy_whatever_the_staging_buffer_held(tmp_path):
     """The staging buffer starts uninitialized (and may hold NaN/inf bits): the snapshot must
-    overwrite it, not blend with it (a lerp with weight 1 keeps a NaN already there)."""
+    overwrite it, not blend with it."""
     model = _model()
     ph = PostHocEMA(model, snapshot_every=10, directory=tmp_path)
     _train(model, 10, [ph.update])

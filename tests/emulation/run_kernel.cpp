@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -95,6 +96,7 @@ struct Case {
   Skip skip = Skip::None;
   int multiprocessor_count = 2;  // small: grid-stride loops get exercised
   bool mixed_kernel = false;     // run the any-dtype kernel even when one dtype pair would do
+  bool non_finite_emas = false;  // EMAs of NaN, +inf, -inf: decay 0 must still copy the param
 };
 
 std::mt19937 rng(12345);
@@ -151,6 +153,15 @@ bool run_case(const Case& c) {
       const TensorSpec& t = c.tensors[i];
       const int64_t j = k * n + i;
       emas[j] = random_buffer(t.ema_dtype[k], t.ema_offset, t.numel);
+      if (c.non_finite_emas) {
+        dispatch_dtype(t.ema_dtype[k], [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          const T bad[] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                           -std::numeric_limits<T>::infinity()};
+          T* e = reinterpret_cast<T*>(emas[j]->data);
+          for (int64_t x = 0; x < t.ema_offset + t.numel; ++x) e[x] = bad[x % 3];
+        });
+      }
       ref_emas[j] = clone(*emas[j]);
       ema_t[j] = view(*emas[j], t.ema_dtype[k], t.ema_offset, t.numel);
       ref_ema_t[j] = view(*ref_emas[j], t.ema_dtype[k], t.ema_offset, t.numel);
@@ -243,6 +254,12 @@ bool run_case(const Case& c) {
       std::printf("FAIL %s: EMA %lld element %lld is %.17g, the CPU kernel gives %.17g\n",
                   describe(c, t, i).c_str(), static_cast<long long>(k),
                   static_cast<long long>(e), got, want);
+      return false;
+    }
+    // Decay 0 copies the (finite) param: nothing of a non-finite EMA is left.
+    if (c.non_finite_emas && c.decays[k] == 0.0 && !ema_t[j].isfinite().all().item<bool>()) {
+      std::printf("FAIL %s: EMA %lld of decay 0 is not the param\n", describe(c, t, i).c_str(),
+                  static_cast<long long>(k));
       return false;
     }
   }
@@ -342,6 +359,25 @@ std::vector<Case> edge_cases() {
   cases.push_back(base("decay 0", {0.0}));
   cases.push_back(base("decay 1", {1.0}));
   cases.push_back(base("decays 0 and 1", {0.0, 1.0}));
+  for (std::vector<double> d : {std::vector<double>{0.0}, std::vector<double>{0.0, 0.9, 0.0}}) {
+    for (bool mixed : {false, true}) {
+      Case c = base("decay 0 over NaN/inf EMAs K=" + std::to_string(d.size()), d);
+      c.non_finite_emas = true;
+      c.mixed_kernel = mixed;
+      cases.push_back(c);
+    }
+  }
+  for (DType pd : kDTypes) {  // each fixed-dtype kernel
+    for (DType ed : kDTypes) {
+      Case c;
+      c.name = std::string("decay 0 over NaN/inf EMAs ") + dtype_name(pd) + "->" + dtype_name(ed);
+      c.decays = {0.0};
+      c.non_finite_emas = true;
+      for (int64_t size : {1, 9, 1024, 65537}) c.tensors.push_back({size, pd, {ed}, 1, 1});
+      for (int64_t size : {9, 1024}) c.tensors.push_back({size, pd, {ed}, 0, 0});
+      cases.push_back(c);
+    }
+  }
   for (auto from : {DecayFrom::DeviceFloat, DecayFrom::DeviceDouble}) {
     const std::string kind = from == DecayFrom::DeviceFloat ? "float" : "double";
     for (std::vector<double> d : {std::vector<double>{0.999}, std::vector<double>{0.99, 0.3, 0.9}}) {
