@@ -7,6 +7,7 @@ from torch import nn
 
 torch_ema = pytest.importorskip("torch_ema")
 
+from fused_ema import backend  # noqa: E402
 from fused_ema.integrations import torch_ema as ours  # noqa: E402
 from integration_helpers import assert_within_ulps, step_scale  # noqa: E402
 
@@ -16,6 +17,15 @@ def _model(dtype=torch.float32, seed=0):
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 7), nn.ReLU(),
                       nn.Linear(7, 3))
     return m.to(dtype)
+
+
+def _same_after(a, b, updates):
+    """Bit for bit on the compiled engine; with the fallback (no compiled module, or
+    FUSED_EMA_BACKEND=python) each update may differ by 1 ulp (see _same), `updates` in all."""
+    if backend(a) == "python":
+        assert_within_ulps(a, b, float(updates))
+    else:
+        assert torch.equal(a, b)
 
 
 def _train_steps(model, steps, seed=1):
@@ -148,7 +158,7 @@ def test_state_dict_interchangeable_with_torch_ema():
         mine2.update()
         theirs.update()
     for a, b in zip(mine2.shadow_params, theirs.shadow_params):
-        assert torch.equal(a, b)  # decay 0.95 > 0.5: bit for bit
+        _same_after(a, b, updates=3)  # decay 0.95 > 0.5: bit for bit on the compiled engine
     # and through torch.save
     buf = __import__("io").BytesIO()
     torch.save(mine.state_dict(), buf)
@@ -177,7 +187,7 @@ def test_channels_last_params():
         mine.update()
         theirs.update()
     for a, b in zip(mine.shadow_params, theirs.shadow_params):
-        assert torch.equal(a, b)
+        _same_after(a, b, updates=3)
 
 
 def test_bad_input_changes_nothing():
