@@ -12,6 +12,8 @@ def engine(request, monkeypatch):
     if request.param == "compiled":
         if _ext._C is None:
             pytest.skip(f"compiled module not available: {_ext.LOAD_ERROR}")
+        if _ext.FORCE_PYTHON:
+            pytest.skip("FUSED_EMA_BACKEND=python: the compiled kernels are not used")
     else:
         monkeypatch.setattr(_ext, "FORCE_PYTHON", True)
     return request.param

@@ -234,8 +234,10 @@ def _available_memory_gib():
 
 @pytest.mark.skipif(_available_memory_gib() < 14, reason="needs ~9 GiB free")
 def test_more_than_2_pow_31_elements():
-    if _ext._C is None:
-        pytest.skip("compiled module not available")
+    if _ext._C is None or _ext.FORCE_PYTHON:
+        # The fallback's fp32 temporaries of 2^31 elements need ~3x more memory than this
+        # test's ~9 GiB (under FUSED_EMA_BACKEND=python it was killed for memory).
+        pytest.skip("tests the compiled kernels' 64-bit indexing")
     n = 2**31 + 9
     param = torch.ones(n, dtype=torch.float16)
     ema = torch.zeros(n, dtype=torch.bfloat16)
