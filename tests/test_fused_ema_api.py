@@ -13,6 +13,7 @@ from torch import nn
 
 from fused_ema import FusedEMA
 from fused_ema.schedules import Warmup
+from test_fused_ema import assert_same, snapshot
 
 TOL = dict(rtol=1e-6, atol=1e-7)
 
@@ -46,16 +47,6 @@ def ref_update(ref, model, decay, average=lambda n: True):
 def assert_state(module, ref):
     for n, t in module.state_dict().items():
         torch.testing.assert_close(t.detach().double(), ref[n], **TOL, msg=lambda m: f"{n}: {m}")
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ----------------------------------------------------------------------------- step
