@@ -354,13 +354,9 @@ using KernelFn = void (*)(const ParamSlot*, const EmaSlot*, const Row*, int64_t,
 // tensor has the same (param, EMA) dtype pair, else the mixed one.
 inline KernelFn select_kernel(const Plan& plan) {
   if (plan.num_decays > 1) return mixed_ema_update_kernel<true>;
+  if (!plan.one_dtype_pair) return mixed_ema_update_kernel<false>;
   const DType param_dtype = plan.params.front().dtype;
   const DType ema_dtype = plan.emas.front().dtype;
-  for (size_t i = 1; i < plan.params.size(); ++i) {
-    if (plan.params[i].dtype != param_dtype || plan.emas[i].dtype != ema_dtype) {
-      return mixed_ema_update_kernel<false>;
-    }
-  }
   KernelFn fn = nullptr;
   dispatch_dtype(param_dtype, [&](auto* ptag) {
     dispatch_dtype(ema_dtype, [&](auto* etag) {

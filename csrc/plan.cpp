@@ -184,6 +184,7 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
                      p.scalar_type(), "; params must be float32, float16, bfloat16 or float64");
     check_dense_and_aligned(p, param_name(i));
     plan->params[i] = {p.data_ptr(), p.numel(), *pdt, 0};
+    plan->one_dtype_pair = plan->one_dtype_pair && *pdt == plan->params[0].dtype;
     const auto pbegin = reinterpret_cast<uintptr_t>(p.data_ptr());
     if (p.numel() > 0) {
       param_spans.push_back({pbegin, pbegin + p.numel() * p.element_size(), -1, i});
@@ -194,6 +195,8 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
       TORCH_CHECK_VALUE(e.defined(), "fused_ema: ", ename, " is undefined");
       check_shape_and_layout(e, p, ename, param_name(i), device);
       plan->emas[k * n + i] = {e.data_ptr(), *to_dtype(e.scalar_type()), 0};
+      plan->one_dtype_pair = plan->one_dtype_pair &&
+                             plan->emas[k * n + i].dtype == plan->emas[0].dtype;
       const auto ebegin = reinterpret_cast<uintptr_t>(e.data_ptr());
       if (e.numel() > 0) {
         ema_spans.push_back({ebegin, ebegin + e.numel() * e.element_size(), k, i});

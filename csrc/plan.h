@@ -110,6 +110,9 @@ struct DeviceTable;
 struct Plan {
   int64_t num_tensors = 0;
   int num_decays = 1;
+  // Every param has params[0]'s dtype and every EMA emas[0]'s: decided once here, so
+  // the CUDA launch picks its kernel without walking the tensors on every update.
+  bool one_dtype_pair = true;
   c10::Device device = c10::Device(c10::kCPU);
   int64_t num_elements = 0;
   std::vector<TensorKey> key;      // params first, then emas (decay-major)
