@@ -28,10 +28,9 @@ C10_ALWAYS_INLINE void lerp_loop(ema_t* __restrict ema, const param_t* __restric
 }
 
 template <typename ema_t, typename param_t>
-C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema, const param_t* __restrict param,
-                                      int64_t n, double decay) {
+C10_ALWAYS_INLINE void lerp_span(ema_t* __restrict ema, const param_t* __restrict param,
+                                 int64_t n, typename OpMath<ema_t>::type w) {
   using opmath_t = typename OpMath<ema_t>::type;
-  const opmath_t w = lerp_weight<opmath_t>(decay);
   // ema_lerp's branches are uniform over the span: taken once, here, so each
   // loop is branch-free and vectorises. The weight-1 arm passes the constant 1:
   // ema_lerp folds to `param` (a converting copy, whatever the EMA holds).
@@ -44,30 +43,54 @@ C10_ALWAYS_INLINE void lerp_span_body(ema_t* __restrict ema, const param_t* __re
   }
 }
 
-// The same loop compiled for the baseline x86-64 ISA (16-byte vectors), AVX2
-// (32-byte) and AVX-512 (64-byte), picked at run time as ATen does. Built with
-// -ffp-contract=off: no fused multiply-adds, so every ISA gives the same bits.
+// What one call updates: rows [first, end) for the EMAs of decays [k_begin, k_end),
+// whose params are all param_t and those EMAs all ema_t.
+struct RowRange {
+  int64_t first, end;
+  int k_begin, k_end;
+};
+
 template <typename ema_t, typename param_t>
-void lerp_span_default(ema_t* ema, const param_t* param, int64_t n, double decay) {
-  lerp_span_body(ema, param, n, decay);
+C10_ALWAYS_INLINE void update_rows_body(const Plan& plan, RowRange rr, const double* decays) {
+  using opmath_t = typename OpMath<ema_t>::type;
+  opmath_t w[kMaxDecays];
+  for (int k = rr.k_begin; k < rr.k_end; ++k) w[k] = lerp_weight<opmath_t>(decays[k]);
+  const int64_t n = plan.num_tensors;
+  for (int64_t r = rr.first; r < rr.end; ++r) {
+    const Row& row = plan.rows[r];
+    const param_t* param = static_cast<const param_t*>(plan.params[row.tensor].ptr) + row.start;
+    if (rr.k_end - rr.k_begin == 1) {
+      const int k = rr.k_begin;
+      lerp_span(static_cast<ema_t*>(plan.emas[k * n + row.tensor].ptr) + row.start, param,
+                row.length, w[k]);
+      continue;
+    }
+    for (int64_t off = 0; off < row.length; off += kBlock) {
+      const int64_t len = std::min<int64_t>(kBlock, row.length - off);
+      for (int k = rr.k_begin; k < rr.k_end; ++k) {
+        ema_t* ema = static_cast<ema_t*>(plan.emas[k * n + row.tensor].ptr) + row.start + off;
+        lerp_span(ema, param + off, len, w[k]);
+      }
+    }
+  }
+}
+
+// The same loop compiled for the baseline x86-64 ISA (16-byte vectors) and
+// AVX2 (32-byte), picked at run time as ATen does. Not AVX-512: the update is
+// bound by memory, and on the Zen 4 CI machine the 64-byte loop was slower
+// (GPT-2 small, fp32: 1.29x the flat add_ against 1.11x for AVX2, measured side
+// by side). Built with -ffp-contract=off: no fused multiply-adds, so every ISA
+// gives the same bits.
+template <typename ema_t, typename param_t>
+void update_rows_default(const Plan& plan, RowRange rr, const double* decays) {
+  update_rows_body<ema_t, param_t>(plan, rr, decays);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename ema_t, typename param_t>
-__attribute__((target("avx2"))) void lerp_span_avx2(ema_t* ema, const param_t* param, int64_t n,
-                                                    double decay) {
-  lerp_span_body(ema, param, n, decay);
-}
-template <typename ema_t, typename param_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) void lerp_span_avx512(
-    ema_t* ema, const param_t* param, int64_t n, double decay) {
-  lerp_span_body(ema, param, n, decay);
-}
-bool has_avx512() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") &&
-                                                     __builtin_cpu_supports("avx512bw") &&
-                                                     __builtin_cpu_supports("avx512vl"));
-  return yes;
+__attribute__((target("avx2"))) void update_rows_avx2(const Plan& plan, RowRange rr,
+                                                      const double* decays) {
+  update_rows_body<ema_t, param_t>(plan, rr, decays);
 }
 bool has_avx2() {
   static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
@@ -76,31 +99,27 @@ bool has_avx2() {
 #endif
 
 template <typename ema_t, typename param_t>
-void lerp_span(ema_t* ema, const param_t* param, int64_t n, double decay) {
+void update_rows(const Plan& plan, RowRange rr, const double* decays) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx512()) return lerp_span_avx512(ema, param, n, decay);
-  if (has_avx2()) return lerp_span_avx2(ema, param, n, decay);
+  if (has_avx2()) return update_rows_avx2<ema_t, param_t>(plan, rr, decays);
 #endif
-  lerp_span_default(ema, param, n, decay);
+  update_rows_default<ema_t, param_t>(plan, rr, decays);
 }
 
-void update_row(const Plan& plan, const Row& row, const double* decays) {
-  const ParamSlot& ps = plan.params[row.tensor];
-  dispatch_dtype(ps.dtype, [&](auto* ptag) {
-    using param_t = std::remove_pointer_t<decltype(ptag)>;
-    const param_t* param = static_cast<const param_t*>(ps.ptr) + row.start;
-    const int64_t block = plan.num_decays == 1 ? row.length : kBlock;
-    for (int64_t off = 0; off < row.length; off += block) {
-      const int64_t n = std::min<int64_t>(block, row.length - off);
-      for (int k = 0; k < plan.num_decays; ++k) {
-        const EmaSlot& es = plan.emas[k * plan.num_tensors + row.tensor];
-        dispatch_dtype(es.dtype, [&](auto* etag) {
+// A plan that mixes dtypes: one (row, decay) at a time, each with its pair.
+void update_mixed_rows(const Plan& plan, int64_t first, int64_t end, const double* decays) {
+  for (int64_t r = first; r < end; ++r) {
+    const int64_t i = plan.rows[r].tensor;
+    for (int k = 0; k < plan.num_decays; ++k) {
+      dispatch_dtype(plan.params[i].dtype, [&](auto* ptag) {
+        using param_t = std::remove_pointer_t<decltype(ptag)>;
+        dispatch_dtype(plan.emas[k * plan.num_tensors + i].dtype, [&](auto* etag) {
           using ema_t = std::remove_pointer_t<decltype(etag)>;
-          lerp_span(static_cast<ema_t*>(es.ptr) + row.start + off, param + off, n, decays[k]);
+          update_rows<ema_t, param_t>(plan, {r, r + 1, k, k + 1}, decays);
         });
-      }
+      });
     }
-  });
+  }
 }
 
 }  // namespace
@@ -109,6 +128,7 @@ void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
   // make_update_args reads host decay tensors and skip flags into `args`.
   TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);
   const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
+  if (num_rows == 0) return;
   const int64_t num_tasks = plan.num_elements < kSerialElements ? 1 : at::get_num_threads();
   // Task t takes the rows that start in its equal share of the elements: a
   // balance by elements, not by rows (small tensors make short rows).
@@ -118,10 +138,16 @@ void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
       return std::lower_bound(plan.row_offsets.begin(), plan.row_offsets.end(), element) -
              plan.row_offsets.begin();
     };
+    const int64_t first = first_row(task_begin);
     const int64_t end = std::min<int64_t>(first_row(task_end), num_rows);
-    for (int64_t r = first_row(task_begin); r < end; ++r) {
-      update_row(plan, plan.rows[r], args.decays);
-    }
+    if (!plan.one_dtype_pair) return update_mixed_rows(plan, first, end, args.decays);
+    dispatch_dtype(plan.params[0].dtype, [&](auto* ptag) {
+      using param_t = std::remove_pointer_t<decltype(ptag)>;
+      dispatch_dtype(plan.emas[0].dtype, [&](auto* etag) {
+        using ema_t = std::remove_pointer_t<decltype(etag)>;
+        update_rows<ema_t, param_t>(plan, {first, end, 0, plan.num_decays}, args.decays);
+      });
+    });
   });
 }
 

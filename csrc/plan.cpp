@@ -32,36 +32,35 @@ std::optional<DType> to_dtype(at::ScalarType t) {
   }
 }
 
-// Where the elements start (0 for an empty or storage-less tensor): storage
-// base plus offset, read without TensorImpl::data()'s out-of-line checks.
-C10_ALWAYS_INLINE uintptr_t data_address(const c10::TensorImpl& t) {
-  const c10::StorageImpl* storage = t.unsafe_storage().unsafeGetStorageImpl();
-  if (storage == nullptr || t.numel() == 0) return 0;
-  return reinterpret_cast<uintptr_t>(storage->data()) +
-         static_cast<uintptr_t>(t.storage_offset()) * t.itemsize();
-}
-
 // Read straight from the TensorImpl: this runs for every tensor on every
-// update of a bound plan, so it reads the const data pointer (Tensor::data_ptr() is a mutable
-// access with copy-on-write checks) and skips the Tensor wrappers.
+// update of a bound plan, where its instruction count is the host cost of a
+// step. So each accessor is called once (each re-checks the sizes policy), the
+// dtype is read once, and the data address is the storage's const
+// pointer (Tensor::data_ptr() is a mutable access with copy-on-write checks).
 C10_ALWAYS_INLINE TensorKey key_of(const c10::TensorImpl& t) {
+  constexpr uint64_t kFnvPrime = 1099511628211ull;
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the sizes
   const c10::IntArrayRef sizes = t.sizes();
-  for (int64_t s : sizes) {
-    h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
+  for (int64_t s : sizes) h = (h ^ static_cast<uint64_t>(s)) * kFnvPrime;
+  h = (h ^ static_cast<uint64_t>(sizes.size())) * kFnvPrime;
+  const bool contiguous = t.is_contiguous();
+  if (C10_UNLIKELY(!contiguous)) {  // a dense layout of its own (channels_last, ...)
+    for (int64_t s : t.strides()) h = (h ^ static_cast<uint64_t>(s)) * kFnvPrime;
   }
-  h = (h ^ static_cast<uint64_t>(sizes.size())) * 1099511628211ull;
-  if (!t.is_contiguous()) {  // a dense layout of its own (channels_last, ...)
-    for (int64_t s : t.strides()) {
-      h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
-    }
+  const int64_t numel = t.numel();
+  const c10::StorageImpl* storage = t.unsafe_storage().unsafeGetStorageImpl();
+  // An empty tensor has no elements to place: its address is 0 wherever it points.
+  uintptr_t address = 0;
+  if (C10_LIKELY(storage != nullptr && numel != 0)) {
+    address = reinterpret_cast<uintptr_t>(storage->data()) +
+              static_cast<uintptr_t>(t.storage_offset()) * t.itemsize();
   }
   const c10::Device device = t.device();
-  const int64_t meta = static_cast<int64_t>(c10::typeMetaToScalarType(t.dtype())) |
-                       (static_cast<int64_t>(device.type()) << 8) |
-                       (static_cast<int64_t>(device.index() + 1) << 16) |
-                       (static_cast<int64_t>(t.is_contiguous()) << 32);
-  return {data_address(t), t.numel(), meta, h};
+  const uint64_t meta = static_cast<uint64_t>(c10::typeMetaToScalarType(t.dtype())) |
+                        (static_cast<uint64_t>(static_cast<uint8_t>(device.type())) << 16) |
+                        (static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 24) |
+                        (static_cast<uint64_t>(contiguous) << 32);
+  return {address, numel, meta, h};
 }
 
 C10_ALWAYS_INLINE TensorKey key_of(const at::Tensor& t) { return key_of(*t.unsafeGetTensorImpl()); }
@@ -313,6 +312,7 @@ void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList pa
         __builtin_prefetch(far);
         __builtin_prefetch(far + 64);
         __builtin_prefetch(far + 128);
+        __builtin_prefetch(far + sizeof(c10::TensorImpl) - 1);  // an object need not start a line
       }
       if (i + kAhead < count) {
         __builtin_prefetch(

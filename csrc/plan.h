@@ -97,10 +97,11 @@ C10_HOST_DEVICE inline double read_scalar(const void* p, ScalarKind kind, int i)
 struct TensorKey {
   uintptr_t ptr;
   int64_t numel;
-  int64_t meta;        // dtype, device, contiguity
+  uint64_t meta;       // dtype, device, contiguity
   uint64_t shape_hash; // sizes and strides
-  bool operator==(const TensorKey& o) const {
-    return ptr == o.ptr && numel == o.numel && meta == o.meta && shape_hash == o.shape_hash;
+  bool operator==(const TensorKey& o) const {  // one branch: this runs per tensor per step
+    return ((ptr ^ o.ptr) | static_cast<uint64_t>(numel ^ o.numel) | (meta ^ o.meta) |
+            (shape_hash ^ o.shape_hash)) == 0;
   }
   bool operator!=(const TensorKey& o) const { return !(*this == o); }
 };
