@@ -54,6 +54,18 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp(T ema, T param, T weight) {
                            : sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));
 }
 
+// ema_lerp for a loop that applies several weights to each element: both arms
+// are computed and one is selected, so the loop has no branch and vectorises
+// over the elements. The same operations as ema_lerp: the same bits.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp_select(T ema, T param, T weight) {
+  const T diff = sub_rn(param, ema);
+  const T low = add_rn(ema, mul_rn(weight, diff));
+  const T high = sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));
+  const T lerp = weight < T(0.5) ? low : high;
+  return weight == T(1) ? param : lerp;
+}
+
 // The lerp weight for a decay, rounded once from double to the update's type:
 // the value `torch.lerp(ema, param, 1 - decay)` sees for a Python float decay.
 template <typename T>

@@ -36,12 +36,21 @@ def test_decay_zero_replaces_non_finite_ema(engine, param_dtype, ema_dtype, as_t
         assert torch.equal(e, as_ema(p, ema_dtype))
 
 
+# One EMA dtype for every decay (the compiled CPU loop then updates all EMAs of a row
+# in one pass), or a different one per decay (a pass per EMA).
+EMA_DTYPE_LISTS = {
+    "mixed": [torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.float16],
+    **{f"all-{str(dt)[6:]}": [dt] * 5 for dt in DTYPES},
+}
+
+
 @pytest.mark.parametrize("as_tensor", [False, True])
 @pytest.mark.parametrize("param_dtype", DTYPES)
-def test_multi_decay_zero_replaces_non_finite_ema(engine, param_dtype, as_tensor):
-    # Mixed EMA dtypes per decay; decay 0 next to decays that keep averaging.
+@pytest.mark.parametrize("ema_dtypes", list(EMA_DTYPE_LISTS))
+def test_multi_decay_zero_replaces_non_finite_ema(engine, param_dtype, as_tensor, ema_dtypes):
+    # Decay 0 next to decays that keep averaging.
     decays = [0.0, 0.9, 0.0, 0.0, 0.0]
-    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.float16]
+    dtypes = EMA_DTYPE_LISTS[ema_dtypes]
     lists = [poisoned(SIZES, param_dtype, dt, seed=3)[0] for dt in dtypes]
     _, params = poisoned(SIZES, param_dtype, torch.float32, seed=3)
     arg = torch.tensor(decays, dtype=torch.float64) if as_tensor else decays
