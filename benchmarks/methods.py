@@ -307,6 +307,29 @@ def fused_plan(case: Case) -> Runner:
     return Runner(step, case.emas, keep=plan)
 
 
+def fused_plan_flat(case: Case) -> Runner:
+    """``EMAPlan.update_`` over copies of the case's tensors that are views of one flat param
+    buffer and one flat EMA buffer: the memory layout of the flat bandwidth reference. The
+    gap from the reference to this row is what the per-tensor work costs (the check that
+    no tensor was replaced, one row per tensor); from this row to ``EMAPlan.update_`` on the
+    case's own tensors is what separately allocated tensors cost the memory system."""
+    d = _one_decay(case)
+    flat_params = torch.empty(case.numel, dtype=case.param_dtype, device=case.device)
+    flat_emas = torch.empty(case.numel, dtype=case.ema_dtype, device=case.device)
+    params, emas, pos = [], [], 0
+    with torch.no_grad():
+        for p in case.params:
+            n = p.numel()
+            params.append(flat_params[pos:pos + n].view(p.shape).copy_(p))
+            emas.append(flat_emas[pos:pos + n].view(p.shape))
+            pos += n
+    plan = fused_ema.EMAPlan(emas, params)
+
+    def step():
+        plan.update_(d)
+    return Runner(step, [emas], keep=(plan, flat_params, flat_emas))
+
+
 def _fused_ema_class(case: Case) -> Runner:
     if FusedEMA is None:
         raise Unsupported("fused_ema.FusedEMA not available in this checkout")
@@ -397,6 +420,8 @@ METHODS: List[Method] = [
            "library", graph_safe=False),
     Method("ema_update", "fused_ema.ema_update_", ("fp32", "bf16"), fused_ema_update, "fused"),
     Method("plan", "fused_ema.EMAPlan.update_", ("fp32", "bf16"), fused_plan, "fused"),
+    Method("plan_flat", "fused_ema.EMAPlan.update_ [views of one flat buffer]", ("fp32",),
+           fused_plan_flat, "fused"),
     Method("fused_ema", "fused_ema.FusedEMA.update", KINDS, _fused_ema_class, "fused"),
     Method("ema_update_x2", "2 x fused_ema.ema_update_", ("fp32x2",), fused_ema_update_x2,
            "fused"),

@@ -69,6 +69,14 @@ INFO = [
      "EMA's own tensors", "plan", "bw_add_tensors", "time"),
     ("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: FusedEMA(decays=2) speedup vs "
      "2 x EMAPlan.update_", "plan_x2", "fused_ema", "time"),
+    # The 2000 x 1024 gap to the flat reference, split: per-tensor work (views of one flat
+    # buffer, the reference's memory) and the layout of separately allocated tensors.
+    ("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ on views of one flat buffer / "
+     "bandwidth ref time", "plan_flat", "bw_add", "time"),
+    ("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ time / the same on views of one "
+     "flat buffer", "plan", "plan_flat", "time"),
+    ("cpu", "many_tiny", "fp32", "10,000 x 0..5: EMAPlan.update_ on views of one flat buffer / "
+     "bandwidth ref time", "plan_flat", "bw_add", "time"),
     ("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update GB/s / D2D copy GB/s",
      "fused_ema", "bw_copy", "gbps"),
 ]
