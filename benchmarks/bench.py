@@ -53,7 +53,7 @@ DEFAULT_PLAN = (
 )
 # --host-cost: only what issue 10's per-step goals compare (a quick run).
 HOST_COST_PLAN = (("many_empty", "fp32"), ("many_tiny", "fp32"), ("many_small", "fp32"))
-HOST_COST_METHODS = ("plan", "plan_flat", "fused_ema", "foreach_lerp")
+HOST_COST_METHODS = ("plan", "plan_flat", "plan_skip", "fused_ema", "foreach_lerp")
 
 
 # --------------------------------------------------------------------------------------

@@ -60,11 +60,12 @@ class Method:
     reference: bool = False  # a bandwidth reference, not an EMA
     ref_bytes_per_element: int = 0  # a reference's traffic per element of the case
     graph_safe: bool = True  # False: the update syncs with the host, no CUDA graph capture
+    writes: bool = True  # False: times an update's host work only, with nothing written
 
     def bytes_per_update(self, case: Case) -> int:
         if self.reference:
             return ref_numel(case) * self.ref_bytes_per_element
-        return case.bytes_per_update
+        return case.bytes_per_update if self.writes else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -330,6 +331,20 @@ def fused_plan_flat(case: Case) -> Runner:
     return Runner(step, [emas], keep=(plan, flat_params, flat_emas))
 
 
+def fused_plan_skip(case: Case) -> Runner:
+    """``EMAPlan.update_(decay, skip=<a set flag>)``: an update's host work (the check that
+    no tensor was replaced or resized, reading the flag) with nothing written. On tensors
+    with elements this is what a GPU user pays per step before the launch: the empty
+    tensors of the host-cost case do not need their storage read."""
+    d = _one_decay(case)
+    plan = fused_ema.EMAPlan(case.emas[0], case.params)
+    skip = torch.ones((), dtype=torch.bool, device=case.device)
+
+    def step():
+        plan.update_(d, skip=skip)
+    return Runner(step, case.emas, keep=(plan, skip))
+
+
 def _fused_ema_class(case: Case) -> Runner:
     if FusedEMA is None:
         raise Unsupported("fused_ema.FusedEMA not available in this checkout")
@@ -422,6 +437,8 @@ METHODS: List[Method] = [
     Method("plan", "fused_ema.EMAPlan.update_", ("fp32", "bf16"), fused_plan, "fused"),
     Method("plan_flat", "fused_ema.EMAPlan.update_ [views of one flat buffer]", ("fp32",),
            fused_plan_flat, "fused"),
+    Method("plan_skip", "fused_ema.EMAPlan.update_ [skip=True: host work only]", ("fp32",),
+           fused_plan_skip, "fused", writes=False),
     Method("fused_ema", "fused_ema.FusedEMA.update", KINDS, _fused_ema_class, "fused"),
     Method("ema_update_x2", "2 x fused_ema.ema_update_", ("fp32x2",), fused_ema_update_x2,
            "fused"),

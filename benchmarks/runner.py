@@ -383,7 +383,7 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
         try:
             runner = m.build(case)
             row["note"] = runner.note
-            if m.reference:
+            if m.reference or not m.writes:
                 t = time.perf_counter()
                 runner.step()
                 sync(device)
@@ -448,8 +448,10 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
             row["gbps"] = M.gbps(row["bytes_per_update"], med)
             row["share_of_reference"] = (row["gbps"] / ref_gbps
                                          if ref_gbps and ref_gbps == ref_gbps else None)
-            row["speedup_vs_naive"] = base_naive / med if base_naive else None
-            row["speedup_vs_foreach_lerp"] = base_foreach / med if base_foreach else None
+            writes = M.METHOD_BY_KEY[row["method"]].writes  # else no update to compare
+            row["speedup_vs_naive"] = base_naive / med if base_naive and writes else None
+            row["speedup_vs_foreach_lerp"] = (base_foreach / med if base_foreach and writes
+                                              else None)
         info["rows"].append(row)
     del runners, case
     gc.collect()

@@ -75,6 +75,13 @@ def test_every_method_matches_a_float64_loop(kind):
             continue
         assert (kind, m.key) not in EXPECTED_UNSUPPORTED, f"{m.key} now runs {kind}: update this"
         case.reset(runner.emas)
+        if not m.writes:  # times host work only: the EMAs must stay as they are
+            before = [[e.clone() for e in row] for row in runner.emas]
+            for _ in range(steps):
+                runner.step()
+            assert all(torch.equal(a, b) for ra, rb in zip(runner.emas, before)
+                       for a, b in zip(ra, rb)), m.key
+            continue
         for _ in range(steps):
             runner.step()
         assert len(runner.emas) == case.num_decays
@@ -135,7 +142,7 @@ def test_a_run_writes_json_csv_png_and_markdown(tmp_path, capsys):
         for r in c["rows"]:
             if r["status"] == "ok":
                 assert r["median_s"] > 0 and r["samples"] >= 2, r
-                if not r["reference"]:
+                if not r["reference"] and M.METHOD_BY_KEY[r["method"]].writes:
                     assert r["check"] == "ok", r
             else:
                 assert r["status"] == "n/a", r
