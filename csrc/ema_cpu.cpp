@@ -12,8 +12,6 @@
 namespace fused_ema {
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kSerialElements = 32768;
 template <typename ema_t, typename opmath_t, typename param_t>
 C10_ALWAYS_INLINE void lerp_loop(ema_t* __restrict ema, const param_t* __restrict param,
                                  int64_t n, opmath_t w) {
@@ -161,7 +159,7 @@ void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
   TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);
   const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
   if (num_rows == 0) return;
-  const int64_t num_tasks = plan.num_elements < kSerialElements ? 1 : at::get_num_threads();
+  const int64_t num_tasks = plan.num_elements < kParallelElements ? 1 : at::get_num_threads();
   // Task t takes the rows that start in its equal share of the elements: a
   // balance by elements, not by rows (small tensors make short rows).
   at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {

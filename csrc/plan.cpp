@@ -1,6 +1,7 @@
 #include "plan.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -304,7 +305,6 @@ void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList pa
   // StorageImpls: that prefetch needs a load from the TensorImpl first, and it
   // measured slower than letting the out-of-order core fetch them (10,000
   // tensors, empty or not, laid out as a module's or as scattered Parameters).
-  // (Splitting the loop over threads was slower on a busy 2-core machine.)
   auto first_mismatch = [](at::TensorList tensors, const TensorKey* want) -> int64_t {
     constexpr int64_t kAhead = 8;
     const int64_t count = static_cast<int64_t>(tensors.size());
@@ -321,10 +321,37 @@ void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList pa
     }
     return -1;
   };
-  int64_t bad = first_mismatch(params, plan.key.data());
-  if (bad < 0) {
-    const int64_t j = first_mismatch(emas, plan.key.data() + n);
-    if (j >= 0) bad = n + j;
+  // Objects [begin, end) of the sequence params..., emas...: the first changed one, or -1.
+  const auto first_mismatch_in = [&](int64_t begin, int64_t end) -> int64_t {
+    if (begin < n) {
+      const int64_t stop = std::min(end, n);
+      const int64_t j = first_mismatch(params.slice(begin, stop - begin), plan.key.data() + begin);
+      if (j >= 0) return begin + j;
+    }
+    if (end > n) {
+      const int64_t start = std::max(begin, n);
+      const int64_t j = first_mismatch(emas.slice(start - n, end - start), plan.key.data() + start);
+      if (j >= 0) return start + j;
+    }
+    return -1;
+  };
+  const int64_t total = n * (1 + plan.num_decays);
+  int64_t bad = -1;
+  if (plan.device.is_cpu() && plan.num_elements >= kParallelElements &&
+      total >= 2 * kParallelCheckGrain && at::get_num_threads() > 1 &&
+      !at::in_parallel_region()) {
+    // The CPU update that follows runs on every thread: so does its check, whose
+    // reads of cold TensorImpls then overlap twice as much.
+    std::atomic<int64_t> first{total};
+    at::parallel_for(0, total, kParallelCheckGrain, [&](int64_t begin, int64_t end) {
+      const int64_t j = first_mismatch_in(begin, end);
+      int64_t seen = first.load();
+      while (j >= 0 && j < seen && !first.compare_exchange_weak(seen, j)) {
+      }
+    });
+    if (first.load() < total) bad = first.load();
+  } else {
+    bad = first_mismatch_in(0, total);
   }
   if (C10_LIKELY(bad < 0)) return;
   const std::string name = bad < n ? param_name(bad)

@@ -25,6 +25,11 @@ namespace fused_ema {
 
 constexpr int kMaxDecays = 8;
 constexpr int64_t kChunk = 65536;
+// A CPU plan of fewer elements is updated, and checked, on one thread: below
+// this a parallel region costs more than it saves.
+constexpr int64_t kParallelElements = 32768;
+// Tensors per task at least, when a CPU plan's check runs on several threads.
+constexpr int64_t kParallelCheckGrain = 256;
 
 // Floating dtypes the kernels handle (for EMAs and params alike).
 enum class DType : int32_t { Float = 0, Half = 1, BFloat16 = 2, Double = 3 };

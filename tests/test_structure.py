@@ -218,3 +218,44 @@ def test_plan_check_sees_every_change_of_params_and_emas(which, how):
     for e, b in zip(emas, before):
         if e.dtype == b.dtype and e.shape == b.shape:
             assert torch.equal(e, b)
+
+
+@pytest.mark.parametrize("num_decays", [1, 3])
+@pytest.mark.parametrize("changed", [["param", 0], ["param", 599], ["ema", 0], ["ema", 599],
+                                     ["ema0", 300], ["param", 450, "ema", 20],
+                                     ["ema", 599, "param", 599], ["ema", 10, "ema0", 500]])
+def test_plan_check_on_several_threads_names_the_first_changed_tensor(num_decays, changed):
+    # 600 tensors of 64 elements: a CPU plan large enough that its update and its check run
+    # on several threads, each taking a share of the tensors. Whichever share sees a
+    # change, the error names the first changed tensor (params before EMAs) and nothing
+    # is written. The change: new storage for the tensor's storage object, the TensorImpl
+    # untouched (as FSDP frees and reallocates flat parameters).
+    if _ext._C is None:
+        pytest.skip("the compiled engine is not built")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = [torch.randn(64) for _ in range(600)]
+        lists = [[torch.randn(64) for _ in range(600)] for _ in range(num_decays)]
+        plan = EMAPlan.multi(lists, params) if num_decays > 1 else EMAPlan(lists[0], params)
+        decays = [0.5] * num_decays if num_decays > 1 else 0.5
+        plan.update_(decays)
+        for which, i in zip(changed[::2], changed[1::2]):
+            target = (params[i] if which == "param" else lists[0][i] if which == "ema0" else
+                      lists[-1][i])
+            storage = target.untyped_storage()
+            storage.resize_(storage.nbytes() + 4096)  # a new allocation, the same tensor
+        before = [[e.clone() for e in emas] for emas in lists]
+        def position(which, i):  # in the order the plan checks: params, then each EMA list
+            return i if which == "param" else 600 * (1 if which == "ema0" else num_decays) + i
+
+        pairs = list(zip(changed[::2], changed[1::2]))
+        first_which, first_i = min(pairs, key=lambda p: position(*p))
+        k = 0 if first_which == "ema0" else num_decays - 1
+        name = (f"params[{first_i}]" if first_which == "param" else
+                f"emas[{k}][{first_i}]" if num_decays > 1 else f"emas[{first_i}]")
+        with pytest.raises(RuntimeError, match=re.escape(name) + " was replaced or resized"):
+            plan.update_(decays)
+        assert all(torch.equal(e, b) for emas, bs in zip(lists, before) for e, b in zip(emas, bs))
+    finally:
+        torch.set_num_threads(saved)
