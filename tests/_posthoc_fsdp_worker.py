@@ -44,3 +44,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything the test reads is written and the group is destroyed: leave without the
+    # interpreter's teardown, where gloo's threads once aborted a rank under CI load
+    # ("terminate called without an active exception", a known c10d/gloo exit race).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
