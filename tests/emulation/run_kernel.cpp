@@ -311,13 +311,19 @@ std::vector<Case> offsets_cases() {
   return cases;
 }
 
-// 2 and 8 decays with mixed EMA dtypes per decay.
+// 2 and 8 decays with mixed EMA dtypes per decay (the CPU kernel: a pass per EMA), and
+// with one EMA dtype for all decays (the CPU kernel: all EMAs of a row in one loop).
 std::vector<Case> multi_cases() {
   std::vector<Case> cases;
   for (int num_decays : {2, 8}) {
+    // uniform 1: fp32 EMAs (fp64 for fp64 params), the common case; 2: the param's dtype.
+    for (int uniform = 0; uniform < 3; ++uniform) {
     for (DType pd : kDTypes) {
+      const DType uniform_ema =
+          uniform == 2 || pd == DType::Double ? pd : DType::Float;
       Case c;
-      c.name = "multi K=" + std::to_string(num_decays) + " param " + dtype_name(pd);
+      c.name = "multi K=" + std::to_string(num_decays) + " param " + dtype_name(pd) +
+               (uniform ? std::string(" EMAs ") + dtype_name(uniform_ema) : std::string(" mixed EMAs"));
       const double all[] = {0.999, 0.3, 0.9, 0.5, 0.75, 0.0, 1.0, 0.123};
       c.decays.assign(all, all + num_decays);
       // Equal offsets give rows whose arrays all reach pack alignment (at
@@ -327,12 +333,13 @@ std::vector<Case> multi_cases() {
         const int offsets[][2] = {{0, 0}, {2, 2}, {5, 5}, {(3 * t) % 8, (5 * t + 1) % 8}};
         for (auto& o : offsets) {
           std::vector<DType> ed;
-          for (int k = 0; k < num_decays; ++k) ed.push_back(kDTypes[(k + t) % 4]);
+          for (int k = 0; k < num_decays; ++k) ed.push_back(uniform ? uniform_ema : kDTypes[(k + t) % 4]);
           c.tensors.push_back({size, pd, ed, o[0], o[1]});
           ++t;
         }
       }
       cases.push_back(c);
+    }
     }
   }
   return cases;
@@ -364,6 +371,17 @@ std::vector<Case> edge_cases() {
       Case c = base("decay 0 over NaN/inf EMAs K=" + std::to_string(d.size()), d);
       c.non_finite_emas = true;
       c.mixed_kernel = mixed;
+      cases.push_back(c);
+    }
+  }
+  for (DType pd : kDTypes) {  // one dtype pair for every decay: the CPU kernel's one-pass loop
+    for (DType ed : kDTypes) {
+      Case c;
+      c.name = std::string("decay 0 over NaN/inf EMAs K=3 ") + dtype_name(pd) + "->" +
+               dtype_name(ed);
+      c.decays = {0.0, 0.9, 0.0};
+      c.non_finite_emas = true;
+      for (int64_t size : {1, 9, 1024, 65537}) c.tensors.push_back({size, pd, {ed, ed, ed}, 1, 1});
       cases.push_back(c);
     }
   }
