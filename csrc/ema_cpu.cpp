@@ -12,6 +12,9 @@
 namespace fused_ema {
 namespace {
 
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kSerialElements = 32768;
+
 template <typename ema_t, typename opmath_t, typename param_t>
 C10_ALWAYS_INLINE void lerp_loop(ema_t* __restrict ema, const param_t* __restrict param,
                                  int64_t n, opmath_t w) {
@@ -59,11 +62,14 @@ C10_ALWAYS_INLINE void lerp_loop_multi(ema_t* const* emas, const param_t* __rest
   }
 }
 
+// The EMAs of one param over a span: one EMA through lerp_span (its branches
+// taken once), several through one lerp_loop_multi.
 template <typename ema_t, typename opmath_t, typename param_t>
 C10_ALWAYS_INLINE void lerp_span_multi(int num_emas, ema_t* const* emas,
                                        const param_t* __restrict param, int64_t n,
                                        const opmath_t* w) {
   switch (num_emas) {
+    case 1: return lerp_span(emas[0], param, n, w[0]);
     case 2: return lerp_loop_multi<2>(emas, param, n, w);
     case 3: return lerp_loop_multi<3>(emas, param, n, w);
     case 4: return lerp_loop_multi<4>(emas, param, n, w);
@@ -91,12 +97,6 @@ C10_ALWAYS_INLINE void update_rows_body(const Plan& plan, RowRange rr, const dou
   for (int64_t r = rr.first; r < rr.end; ++r) {
     const Row& row = plan.rows[r];
     const param_t* param = static_cast<const param_t*>(plan.params[row.tensor].ptr) + row.start;
-    if (rr.k_end - rr.k_begin == 1) {
-      const int k = rr.k_begin;
-      lerp_span(static_cast<ema_t*>(plan.emas[k * n + row.tensor].ptr) + row.start, param,
-                row.length, w[k]);
-      continue;
-    }
     ema_t* emas[kMaxDecays];
     for (int k = rr.k_begin; k < rr.k_end; ++k) {
       emas[k - rr.k_begin] = static_cast<ema_t*>(plan.emas[k * n + row.tensor].ptr) + row.start;
@@ -154,12 +154,16 @@ void update_mixed_rows(const Plan& plan, int64_t first, int64_t end, const doubl
 
 }  // namespace
 
+int64_t ema_cpu_tasks(const Plan& plan) {
+  return plan.num_elements < kSerialElements ? 1 : at::get_num_threads();
+}
+
 void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
   // make_update_args reads host decay tensors and skip flags into `args`.
   TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);
   const int64_t num_rows = static_cast<int64_t>(plan.rows.size());
   if (num_rows == 0) return;
-  const int64_t num_tasks = plan.num_elements < kParallelElements ? 1 : at::get_num_threads();
+  const int64_t num_tasks = ema_cpu_tasks(plan);
   // Task t takes the rows that start in its equal share of the elements: a
   // balance by elements, not by rows (small tensors make short rows).
   at::parallel_for(0, num_tasks, 1, [&](int64_t task_begin, int64_t task_end) {

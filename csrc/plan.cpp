@@ -337,8 +337,7 @@ void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList pa
   };
   const int64_t total = n * (1 + plan.num_decays);
   int64_t bad = -1;
-  if (plan.device.is_cpu() && plan.num_elements >= kParallelElements &&
-      total >= 2 * kParallelCheckGrain && at::get_num_threads() > 1 &&
+  if (plan.device.is_cpu() && ema_cpu_tasks(plan) > 1 && total >= 2 * kParallelCheckGrain &&
       !at::in_parallel_region()) {
     // The CPU update that follows runs on every thread: so does its check, whose
     // reads of cold TensorImpls then overlap twice as much.

@@ -25,9 +25,6 @@ namespace fused_ema {
 
 constexpr int kMaxDecays = 8;
 constexpr int64_t kChunk = 65536;
-// A CPU plan of fewer elements is updated, and checked, on one thread: below
-// this a parallel region costs more than it saves.
-constexpr int64_t kParallelElements = 32768;
 // Tensors per task at least, when a CPU plan's check runs on several threads.
 constexpr int64_t kParallelCheckGrain = 256;
 
@@ -188,6 +185,8 @@ void run_plan(const Plan& plan, const UpdateArgs& args);
 
 // Per-device kernels (ema_cpu.cpp, ema_cuda.cu).
 void ema_update_cpu(const Plan& plan, const UpdateArgs& args);
+// How many tasks ema_update_cpu splits a plan into (1: it runs on the calling thread).
+int64_t ema_cpu_tasks(const Plan& plan);
 void ema_update_cuda(const Plan& plan, const UpdateArgs& args);
 
 // The plan's device table, ready for a kernel launched on `stream` right after
