@@ -29,8 +29,10 @@ C10_ALWAYS_INLINE void lerp_span(ema_t* __restrict ema, const param_t* __restric
                                  int64_t n, typename OpMath<ema_t>::type w) {
   using opmath_t = typename OpMath<ema_t>::type;
   // ema_lerp's branches are uniform over the span: taken once, here, so each
-  // loop is branch-free and vectorises. The weight-1 arm passes the constant 1:
-  // ema_lerp folds to `param` (a converting copy, whatever the EMA holds).
+  // loop is branch-free and vectorises. Weight 0 (decay 1) leaves the EMA as it
+  // is: nothing to write. The weight-1 arm passes the constant 1: ema_lerp
+  // folds to `param` (a converting copy, whatever the EMA holds).
+  if (w == opmath_t(0)) return;
   if (w == opmath_t(1)) {
     lerp_loop(ema, param, n, opmath_t(1));
   } else if (w < opmath_t(0.5)) {

@@ -178,17 +178,19 @@ __device__ void update_segment_one(const param_t* param, ema_t* ema, int length,
   const int he = align_offset(ema, sizeof(ema_t), N * sizeof(ema_t));
   const int head = hp >= 0 && hp == he ? smaller(hp, length) : length;
   const RowSplit split = make_split(head, length, N);
-  // ema_lerp's branches (weight == 1, weight < 0.5) are uniform: taken here,
-  // once, so that each loop body is straight-line code (a branch inside it
-  // would keep a whole unpacked pack live across it, past the 32 registers).
-  // In each arm the compiler folds the comparisons inside ema_lerp; the
-  // weight-1 arm gets the constant 1, so it is a plain converting copy.
+  // ema_lerp's branches (weight == 0 or 1, weight < 0.5) are uniform: taken
+  // here, once, so that each loop body is straight-line code (a branch inside
+  // it would keep a whole unpacked pack live across it, past the 32 registers).
+  // In each arm the compiler folds the comparisons inside ema_lerp; weight 0
+  // leaves the EMA as it is (nothing to write); the weight-1 arm gets the
+  // constant 1, so it is a plain converting copy.
   const auto run = [&](opmath_t<ema_t> wt) {
     for_segment<N>(
         split, seg, lane,
         [&](int idx) { update_pack<N>(ema + idx, load_pack<N>(param + idx), wt); },
         [&](int idx) { update_one(ema + idx, param[idx], wt); });
   };
+  if (w == opmath_t<ema_t>(0)) return;
   if (w == opmath_t<ema_t>(1)) {
     run(opmath_t<ema_t>(1));
   } else if (w < opmath_t<ema_t>(0.5)) {

@@ -38,17 +38,18 @@ template <typename T>
 C10_ALWAYS_INLINE T mul_rn(T a, T b) { return a * b; }
 #endif
 
-// ema <- lerp(ema, param, weight) with weight = 1 - decay, in torch.lerp's form.
-// weight == 1 (decay 0, the "copy" of frozen tensors, buffers and the steps
-// before update_after_step) returns `param` itself: the lerp formula would give
-// param - (param - ema) * 0, which is NaN whenever `ema` is NaN or +-inf, so an
-// EMA that once held a non-finite value would never recover. weight == 0
-// (decay 1) returns `ema` unchanged for finite values (ema + 0 * diff).
-// Callers with a uniform weight test weight == 1 and weight < 0.5 once, outside
+// ema <- lerp(ema, param, weight) with weight = 1 - decay, in torch.lerp's form,
+// with its two ends exact: weight == 1 (decay 0, the "copy" of frozen tensors,
+// buffers and the steps before update_after_step) returns `param` and weight
+// == 0 (decay 1, a frozen average) returns `ema`, whatever they hold. The lerp
+// formula would give param - (param - ema) * 0 and ema + 0 * (param - ema):
+// NaN whenever the other side is NaN or +-inf, and +0.0 for an EMA of -0.0.
+// Callers with a uniform weight test the ends and weight < 0.5 once, outside
 // their loops (ema_cpu.cpp, ema_kernel.cuh), so the comparisons here fold away.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp(T ema, T param, T weight) {
   if (weight == T(1)) return param;
+  if (weight == T(0)) return ema;
   const T diff = sub_rn(param, ema);
   return (weight < T(0.5)) ? add_rn(ema, mul_rn(weight, diff))
                            : sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));
@@ -63,7 +64,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T ema_lerp_select(T ema, T param, T weight) {
   const T low = add_rn(ema, mul_rn(weight, diff));
   const T high = sub_rn(param, mul_rn(diff, sub_rn(T(1), weight)));
   const T lerp = weight < T(0.5) ? low : high;
-  return weight == T(1) ? param : lerp;
+  const T kept = weight == T(0) ? ema : lerp;
+  return weight == T(1) ? param : kept;
 }
 
 // The lerp weight for a decay, rounded once from double to the update's type:

@@ -1,4 +1,6 @@
-"""Decay 0 (lerp weight 1) is a copy even when the EMA holds NaN or +-inf."""
+"""The two ends of the decay are exact: decay 0 (lerp weight 1) is a copy even when the EMA
+holds NaN or +-inf, and decay 1 (weight 0) leaves the EMA bit for bit as it was (-0.0, inf,
+NaN), whatever the param holds."""
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,67 @@ def test_update_after_step_copies_over_nan(engine):
         model.weight.normal_()
     ema.update()  # still a copy (decay 0)
     assert torch.equal(ema.module.weight, model.weight)
+
+
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+        torch.float64: torch.int64}
+
+
+def edgy(sizes, param_dtype, ema_dtype, seed=0):
+    """EMAs cycling through -0.0, +-inf, NaN and finite values; params through NaN, +-inf,
+    finite and -0.0 (offset 1: unaligned too)."""
+    g = torch.Generator().manual_seed(seed)
+    emas_vals = torch.tensor([-0.0, float("inf"), -float("inf"), float("nan"), 1.5],
+                             dtype=ema_dtype)
+    param_vals = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0, -0.0],
+                              dtype=param_dtype)
+    emas, params = [], []
+    for n in sizes:
+        shift = int(torch.randint(0, 5, (), generator=g))
+        emas.append(emas_vals.roll(shift).repeat(n // 5 + 2)[: n + 1][1:].clone())
+        params.append(param_vals.repeat(n // 5 + 2)[: n + 1][1:].clone())
+    return emas, params
+
+
+def same_bits(a, b):
+    return torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+def test_decay_one_leaves_the_ema_bit_for_bit(engine, param_dtype, ema_dtype, as_tensor):
+    emas, params = edgy(SIZES, param_dtype, ema_dtype)
+    before = [e.clone() for e in emas]
+    ema_update_(emas, params, torch.tensor(1.0, dtype=torch.float64) if as_tensor else 1.0)
+    assert all(same_bits(e, b) for e, b in zip(emas, before))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("param_dtype", DTYPES)
+@pytest.mark.parametrize("ema_dtypes", list(EMA_DTYPE_LISTS))
+def test_multi_decay_one_leaves_the_ema_bit_for_bit(engine, param_dtype, as_tensor, ema_dtypes):
+    # Decay 1 next to decays that average and copy (the one-pass loop selects per decay).
+    decays = [1.0, 0.9, 1.0, 0.0, 1.0]
+    dtypes = EMA_DTYPE_LISTS[ema_dtypes]
+    lists = [edgy(SIZES, param_dtype, dt, seed=5)[0] for dt in dtypes]
+    _, params = edgy(SIZES, param_dtype, torch.float32, seed=5)
+    before = [[e.clone() for e in emas] for emas in lists]
+    arg = torch.tensor(decays, dtype=torch.float64) if as_tensor else decays
+    multi_ema_update_(lists, params, arg)
+    for d, emas, old in zip(decays, lists, before):
+        if d == 1.0:
+            assert all(same_bits(e, b) for e, b in zip(emas, old))
+
+
+def test_fused_ema_with_decay_one_ignores_a_nan_model(engine):
+    model = nn.Linear(4, 3)
+    ema = FusedEMA(model, decay=1.0)
+    with torch.no_grad():
+        ema.module.bias.copy_(torch.tensor([-0.0, 1.0, 2.0]))
+        model.weight.fill_(float("nan"))
+        model.bias.fill_(float("inf"))
+    before = {n: t.clone() for n, t in ema.module.state_dict().items()}
+    ema.update()
+    for n, t in ema.module.state_dict().items():
+        assert same_bits(t, before[n]), n
