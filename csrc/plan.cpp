@@ -23,6 +23,11 @@ namespace {
 
 std::string param_name(int64_t i) { return "params[" + std::to_string(i) + "]"; }
 
+// A dtype as Python writes it ("torch.int32"), so both languages' messages match.
+std::string torch_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 std::optional<DType> to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::Float;
@@ -100,7 +105,7 @@ void check_shape_and_layout(const at::Tensor& ema, const at::Tensor& param,
                     "; keep the EMA on its params' device (FusedEMA(device=...) "
                     "handles an EMA kept elsewhere)");
   TORCH_CHECK_TYPE(to_dtype(ema.scalar_type()).has_value(), "fused_ema: ", ename,
-                   " has dtype ", ema.scalar_type(),
+                   " has dtype ", torch_name(ema.scalar_type()),
                    "; an EMA must be float32, float16, bfloat16 or float64");
   check_dense_and_aligned(ema, ename);
   TORCH_CHECK_VALUE(same_layout(ema, param), "fused_ema: ", ename, " has strides ",
@@ -181,7 +186,7 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
                       "; one update runs on one device");
     auto pdt = to_dtype(p.scalar_type());
     TORCH_CHECK_TYPE(pdt.has_value(), "fused_ema: ", param_name(i), " has dtype ",
-                     p.scalar_type(), "; params must be float32, float16, bfloat16 or float64");
+                     torch_name(p.scalar_type()), "; params must be float32, float16, bfloat16 or float64");
     check_dense_and_aligned(p, param_name(i));
     plan->params[i] = {p.data_ptr(), p.numel(), *pdt, 0};
     plan->one_dtype_pair = plan->one_dtype_pair && *pdt == plan->params[0].dtype;
@@ -213,15 +218,9 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
   check_no_overlap(std::move(ema_spans), param_spans, num_decays);
   plan->key = plan_key(emas, params);
 
-  if (device.is_cuda() && !plan->rows.empty()) {
+  if (device.is_cuda()) {
 #ifdef FUSED_EMA_WITH_CUDA
-    // Upload now, ordered on the current stream, unless a graph is being
-    // captured there (then the first launch uploads a table for that graph).
-    device::Runtime& rt = device::runtime();
-    const device::Stream stream = rt.current_stream(device.index());
-    if (!rt.capture_state(stream).capturing) {
-      device_table_for_launch(*plan, device.index(), stream);
-    }
+    upload_unless_capturing(*plan, device.index());
 #else
     TORCH_CHECK(false, "fused_ema: this build has no CUDA kernels; rebuild with a CUDA torch "
                 "and nvcc, or set FUSED_EMA_BACKEND=python");
@@ -294,70 +293,63 @@ std::shared_ptr<const Plan> cached_plan(at::TensorList emas, at::TensorList para
   return plan;
 }
 
-void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList params) {
+int64_t first_changed(at::TensorList tensors, const TensorKey* keys) {
+  // The hot loop only compares. It is bound by memory (each tensor's TensorImpl
+  // lives apart), so the TensorImpls of later tensors are prefetched while one
+  // is read. Not their StorageImpls: that prefetch needs a load from the
+  // TensorImpl first, and it measured slower than letting the out-of-order core
+  // fetch them (10,000 tensors, empty or not, as a module's or scattered).
+  constexpr int64_t kAhead = 8;
+  const int64_t count = static_cast<int64_t>(tensors.size());
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) {
+      // Every line of the object: it need not start on a line.
+      const auto* far = reinterpret_cast<const char*>(tensors[i + kAhead].unsafeGetTensorImpl());
+      __builtin_prefetch(far);
+      __builtin_prefetch(far + 64);
+      __builtin_prefetch(far + 128);
+      __builtin_prefetch(far + sizeof(c10::TensorImpl) - 1);
+    }
+    if (C10_UNLIKELY(key_of(tensors[i]) != keys[i])) return i;
+  }
+  return -1;
+}
+
+int64_t first_stale(const Plan& plan, at::TensorList emas, at::TensorList params) {
   const int64_t n = plan.num_tensors;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == n &&
                   static_cast<int64_t>(emas.size()) == n * plan.num_decays,
               "fused_ema: the plan was built for other tensor lists");
-  // The hot loop only compares; the message is built after the first mismatch.
-  // It is bound by memory (each tensor's TensorImpl lives apart), so the
-  // TensorImpls of later tensors are prefetched while one is read. Not their
-  // StorageImpls: that prefetch needs a load from the TensorImpl first, and it
-  // measured slower than letting the out-of-order core fetch them (10,000
-  // tensors, empty or not, laid out as a module's or as scattered Parameters).
-  auto first_mismatch = [](at::TensorList tensors, const TensorKey* want) -> int64_t {
-    constexpr int64_t kAhead = 8;
-    const int64_t count = static_cast<int64_t>(tensors.size());
-    for (int64_t i = 0; i < count; ++i) {
-      if (i + kAhead < count) {
-        // Every line of the object: it need not start on a line.
-        const auto* far = reinterpret_cast<const char*>(tensors[i + kAhead].unsafeGetTensorImpl());
-        __builtin_prefetch(far);
-        __builtin_prefetch(far + 64);
-        __builtin_prefetch(far + 128);
-        __builtin_prefetch(far + sizeof(c10::TensorImpl) - 1);
-      }
-      if (C10_UNLIKELY(key_of(tensors[i]) != want[i])) return i;
-    }
-    return -1;
-  };
-  // Objects [begin, end) of the sequence params..., emas...: the first changed one, or -1.
-  const auto first_mismatch_in = [&](int64_t begin, int64_t end) -> int64_t {
+  // Objects [begin, end) of the sequence params..., emas...: the first stale one, or -1.
+  const auto first_in = [&](int64_t begin, int64_t end) -> int64_t {
     if (begin < n) {
       const int64_t stop = std::min(end, n);
-      const int64_t j = first_mismatch(params.slice(begin, stop - begin), plan.key.data() + begin);
+      const int64_t j = first_changed(params.slice(begin, stop - begin), plan.key.data() + begin);
       if (j >= 0) return begin + j;
     }
     if (end > n) {
       const int64_t start = std::max(begin, n);
-      const int64_t j = first_mismatch(emas.slice(start - n, end - start), plan.key.data() + start);
+      const int64_t j = first_changed(emas.slice(start - n, end - start), plan.key.data() + start);
       if (j >= 0) return start + j;
     }
     return -1;
   };
   const int64_t total = n * (1 + plan.num_decays);
-  int64_t bad = -1;
   if (plan.device.is_cpu() && ema_cpu_tasks(plan) > 1 && total >= 2 * kParallelCheckGrain &&
       !at::in_parallel_region()) {
     // The CPU update that follows runs on every thread: so does its check, whose
-    // reads of cold TensorImpls then overlap twice as much.
+    // reads of cold TensorImpls then overlap twice as much. The lowest index wins,
+    // so the answer is the serial one.
     std::atomic<int64_t> first{total};
     at::parallel_for(0, total, kParallelCheckGrain, [&](int64_t begin, int64_t end) {
-      const int64_t j = first_mismatch_in(begin, end);
+      const int64_t j = first_in(begin, end);
       int64_t seen = first.load();
       while (j >= 0 && j < seen && !first.compare_exchange_weak(seen, j)) {
       }
     });
-    if (first.load() < total) bad = first.load();
-  } else {
-    bad = first_mismatch_in(0, total);
+    return first.load() < total ? first.load() : -1;
   }
-  if (C10_LIKELY(bad < 0)) return;
-  const std::string name = bad < n ? param_name(bad)
-                                   : ema_name(plan.num_decays, (bad - n) / n, (bad - n) % n);
-  TORCH_CHECK(false, "fused_ema: ", name,
-              " was replaced or resized since the plan was built (its storage, shape, "
-              "dtype or layout changed); build a new EMAPlan");
+  return first_in(0, total);
 }
 
 namespace {
@@ -394,7 +386,7 @@ UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
                       " decay values for ", plan.num_decays, " EMA list(s)");
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
                      "fused_ema: a decay tensor must be float32 or float64, got ",
-                     t.scalar_type());
+                     torch_name(t.scalar_type()));
     TORCH_CHECK_VALUE(t.is_contiguous(), "fused_ema: the decay tensor must be contiguous");
     if (t.device().is_cpu()) {
       // Host memory: read now (no sync), and check like a float decay.
@@ -423,7 +415,7 @@ UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
     TORCH_CHECK_VALUE(s.numel() == 1, "fused_ema: skip must hold one value, got ", s.numel());
     auto kind = to_scalar_kind(s.scalar_type());
     TORCH_CHECK_TYPE(kind.has_value(), "fused_ema: skip must be a bool, integer, float32 or "
-                     "float64 tensor, got ", s.scalar_type());
+                     "float64 tensor, got ", torch_name(s.scalar_type()));
     TORCH_CHECK_VALUE(s.device().is_cpu() || s.device() == plan.device ||
                           plan.num_tensors == 0,
                       "fused_ema: skip is on ", s.device(), " but the EMAs are on ",
@@ -511,7 +503,7 @@ std::shared_ptr<DeviceTable> upload_table(device::Runtime& rt, const Plan& plan,
   std::memcpy(host + pbytes, plan.emas.data(), ebytes);
   std::memcpy(host + pbytes + ebytes, plan.rows.data(), rbytes);
   table->memory = rt.alloc_device(bytes, device, stream);
-  rt.copy_to_device_async(table->memory.get(), staging, bytes, stream);
+  rt.copy_to_device_async(device, table->memory.get(), staging, bytes, stream);
   if (capture_id != 0) {
     table->staging = std::move(staging);  // every replay copies from it again
   } else {
@@ -587,6 +579,15 @@ DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream 
                        release_table(std::move(keep));
                      });
   return {table->params, table->emas, table->rows};
+}
+
+void upload_unless_capturing(const Plan& plan, int device) {
+  if (plan.rows.empty()) return;
+  // Ordered on `device`'s current stream, unless a graph is being captured
+  // there (then the first launch uploads a table for that graph).
+  device::Runtime& rt = device::runtime();
+  const device::Stream stream = rt.current_stream(device);
+  if (!rt.capture_state(stream).capturing) device_table_for_launch(plan, device, stream);
 }
 
 void run_plan(const Plan& plan, const UpdateArgs& args) {

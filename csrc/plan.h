@@ -172,8 +172,15 @@ void clear_plan_cache();
 
 std::vector<TensorKey> plan_key(at::TensorList emas, at::TensorList params);
 
-// Fails, naming the tensor, if `emas`/`params` no longer match `plan`.
-void check_same_tensors(const Plan& plan, at::TensorList emas, at::TensorList params);
+// The staleness rule, in one place: a tensor is stale when its TensorKey is no
+// longer the one recorded (new storage, shape, dtype or layout). The index of
+// the first stale tensor, or -1.
+int64_t first_changed(at::TensorList tensors, const TensorKey* keys);
+
+// The first of params..., emas... (one sequence: params[i] is i, emas[k][i] is
+// n + k * n + i) that is stale since `plan` was built, or -1: what a bound
+// update checks before it writes anything (the caller names the tensor).
+int64_t first_stale(const Plan& plan, at::TensorList emas, at::TensorList params);
 
 // Checks decays and skip against the plan (values, count, device) and packs them.
 UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
@@ -201,6 +208,10 @@ struct DeviceView {
   const Row* rows;
 };
 DeviceView device_table_for_launch(const Plan& plan, int device, device::Stream stream);
+
+// A new plan's table, uploaded on `device`'s current stream right away (build_plan),
+// unless that stream is capturing a graph.
+void upload_unless_capturing(const Plan& plan, int device);
 
 // Tables released by CUDA graphs wait here (the runtime's release callback may
 // not call CUDA) and are freed by the next device_table_for_launch outside capture.

@@ -30,17 +30,17 @@ if _C is not None:
 
     # They also check what can be checked without memory (lengths, shapes,
     # devices, dtypes), so a bad call fails when traced, not later.
-    from . import fallback as _fallback
+    from . import validation as _validation
 
     @_register_fake("fused_ema::ema_update_")
     def _ema_update_fake(emas, params, decay, decay_tensor=None, skip=None):
-        _fallback.validate([emas], params, check_memory=False)
+        _validation.validate([emas], params, check_memory=False)
 
     @_register_fake("fused_ema::multi_ema_update_")
     def _multi_ema_update_fake(emas, params, decays, decay_tensor=None, skip=None):
         n = len(params)
         k = len(emas) // n if n and len(emas) % n == 0 else 1
-        _fallback.validate([emas[j * n:(j + 1) * n] for j in range(k)] if n else [emas], params,
+        _validation.validate([emas[j * n:(j + 1) * n] for j in range(k)] if n else [emas], params,
                            check_memory=False)
 
 

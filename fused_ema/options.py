@@ -4,17 +4,15 @@
 a callable ``step -> decay`` is wrapped); the other options are checked and kept as
 plain values. Nothing here touches a tensor.
 """
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from . import fallback
 from .schedules import Constant, HalfLife, Schedule
+from .validation import MAX_DECAYS, check_count, check_float_dtype, check_unit
 
-FLOAT_DTYPES = fallback.FLOAT_DTYPES
 BUFFER_MODES = ("copy", "average", "ignore")
 
 DecayLike = Union[float, Schedule, Callable[[Any], Any]]
@@ -22,19 +20,6 @@ DecayLike = Union[float, Schedule, Callable[[Any], Any]]
 
 def is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def check_unit(what: str, value: float) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        raise ValueError(f"fused_ema: {what} must be a number in [0, 1], got {value!r}")
-    return v
-
-
-def check_count(what: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"fused_ema: {what} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 class CallableSchedule(Schedule):
@@ -107,8 +92,8 @@ def schedules_from(decay, tau, decays) -> List[Schedule]:
     if isinstance(decays, (str, bytes)) or not isinstance(decays, Iterable):
         raise TypeError("fused_ema: decays must be a sequence of decays")
     decays = list(decays)
-    if not 1 <= len(decays) <= fallback.MAX_DECAYS:
-        raise ValueError(f"fused_ema: decays takes 1 to {fallback.MAX_DECAYS} decays, "
+    if not 1 <= len(decays) <= MAX_DECAYS:
+        raise ValueError(f"fused_ema: decays takes 1 to {MAX_DECAYS} decays, "
                          f"got {len(decays)}")
     return [as_schedule(d, f"decays[{k}]") for k, d in enumerate(decays)]
 
@@ -139,7 +124,6 @@ class Options:
         if buffers not in BUFFER_MODES:
             raise ValueError(f"fused_ema: buffers must be one of {BUFFER_MODES}, got "
                              f"{buffers!r}")
-        if ema_dtype is not None and ema_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"fused_ema: ema_dtype must be one of {FLOAT_DTYPES}, got "
-                            f"{ema_dtype}")
+        if ema_dtype is not None:
+            check_float_dtype("ema_dtype", ema_dtype)
         return cls(schedules, after, every, buffers, ema_dtype, bool(capturable))

@@ -28,17 +28,9 @@ from typing import Any, Dict
 
 import torch
 
+from .validation import check_unit
+
 __all__ = ["Schedule", "Constant", "Warmup", "Cosine", "HalfLife", "PowerFunction"]
-
-
-def _check_unit(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"fused_ema: {name} must be a number, got {value!r}") from None
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        raise ValueError(f"fused_ema: {name} must be a number in [0, 1], got {v}")
-    return v
 
 
 def _check_positive(name: str, value) -> float:
@@ -86,7 +78,7 @@ class Constant(Schedule):
     """The same decay at every step (``FusedEMA(model, decay=0.999)`` uses this)."""
 
     def __init__(self, decay: float):
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
 
     def __call__(self, step: int) -> float:
         return self.decay
@@ -112,10 +104,10 @@ class Warmup(Schedule):
 
     def __init__(self, decay: float = 0.9999, gamma: float = 1.0, power: float = 2 / 3,
                  min_decay: float = 0.0):
-        self.decay = _check_unit("decay", decay)
+        self.decay = check_unit("decay", decay)
         self.gamma = _check_positive("gamma", gamma)
         self.power = _check_positive("power", power)
-        self.min_decay = _check_unit("min_decay", min_decay)
+        self.min_decay = check_unit("min_decay", min_decay)
         if self.min_decay > self.decay:
             raise ValueError(
                 f"fused_ema: min_decay ({self.min_decay}) must not exceed decay ({self.decay})")
@@ -148,8 +140,8 @@ class Cosine(Schedule):
     """
 
     def __init__(self, start: float, end: float = 1.0, total_steps: int = None):
-        self.start = _check_unit("start", start)
-        self.end = _check_unit("end", end)
+        self.start = check_unit("start", start)
+        self.end = check_unit("end", end)
         if total_steps is None:
             raise TypeError("fused_ema: Cosine needs total_steps (the length of the schedule "
                             "in optimizer steps)")
@@ -232,3 +224,13 @@ class PowerFunction(Schedule):
 
     def settings(self) -> Dict[str, Any]:
         return {"type": "PowerFunction", "gamma": self.gamma}
+
+
+def from_settings(settings: Dict[str, Any]):
+    """The schedule a ``settings()`` dict describes, or None (a user callable, which a
+    checkpoint cannot hold)."""
+    kinds = {cls.__name__: cls for cls in (Constant, Warmup, Cosine, HalfLife, PowerFunction)}
+    cls = kinds.get(settings.get("type"))
+    if cls is None:
+        return None
+    return cls(**{k: v for k, v in settings.items() if k != "type"})

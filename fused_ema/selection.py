@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .options import FLOAT_DTYPES
+from .validation import FLOAT_DTYPES
 
 TRACKED = ("average", "copy", "other")
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..fallback import is_dense
+from ..validation import is_dense
 from ..functional import EMAPlan, ema_update_
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
