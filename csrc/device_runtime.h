@@ -39,11 +39,12 @@ class Runtime {
   virtual at::DataPtr alloc_device(size_t bytes, int device, Stream stream) = 0;
   // Pinned host memory (from a caching allocator).
   virtual at::DataPtr alloc_pinned(size_t bytes) = 0;
-  // Copies `bytes` from pinned `src` to device `dst` on `stream`, and tells the
-  // host allocator that `src` is in use until the copy is done (so it may be
+  // Copies `bytes` from pinned `src` to `dst` on `device` on `stream`, and tells
+  // the host allocator that `src` is in use until the copy is done (so it may be
   // dropped right after this call, unless the copy was captured in a graph).
-  virtual void copy_to_device_async(void* dst, const at::DataPtr& src, size_t bytes,
-                                    Stream stream) = 0;
+  // Every call that acts on a device names it: the current device may be another.
+  virtual void copy_to_device_async(int device, void* dst, const at::DataPtr& src,
+                                    size_t bytes, Stream stream) = 0;
   // Device memory allocated on one stream and read on `stream` too.
   virtual void record_stream(const at::DataPtr& memory, Stream stream) = 0;
   virtual Event record_event(int device, Stream stream) = 0;  // a new event

@@ -88,12 +88,11 @@ class CudaRuntime final : public device::Runtime {
     return at::getHostAllocator(at::kCUDA)->allocate(bytes);
   }
 
-  void copy_to_device_async(void* dst, const at::DataPtr& src, size_t bytes,
+  void copy_to_device_async(int device, void* dst, const at::DataPtr& src, size_t bytes,
                             device::Stream stream) override {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     C10_CUDA_CHECK(cudaMemcpyAsync(dst, src.get(), bytes, cudaMemcpyHostToDevice,
                                    as_cuda(stream)));
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
     at::getHostAllocator(at::kCUDA)->record_event(
         src.get(), src.get_context(),
         c10::cuda::getStreamFromExternal(as_cuda(stream), static_cast<c10::DeviceIndex>(device))

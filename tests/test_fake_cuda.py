@@ -206,6 +206,23 @@ def test_another_stream_waits_for_the_upload_once(fake):
     del plan  # freed: the fake checks the allocator was told about stream s
 
 
+def test_a_plan_on_another_device_names_its_device_in_every_call(fake):
+    # A plan for cuda:1 built and updated while cuda:0 is current (the fake's current
+    # stream stands for device 0's): every runtime call that acts on a device must name
+    # device 1, or the upload's pinned staging is recorded against device 0's stream.
+    emas, params = tensors(3, seed=9)
+    want = expected_after(emas, params, [0.9, 0.8])
+    fake.reset_counters()
+    plan = fake.Plan(emas, params, 1, device=1)
+    for d in (0.9, 0.8):
+        plan.update([d])
+    seen = fake.devices()
+    assert {"current_stream", "alloc_device", "copy_to_device", "record_event"} <= set(seen)
+    assert {call: sorted(set(devs)) for call, devs in seen.items()} == {
+        call: [1] for call in seen}
+    assert equal(emas, want)
+
+
 def test_bound_plan_captured_on_another_stream_outlives_the_plan(fake):
     emas, params = tensors(3, seed=8)
     plan = fake.Plan(emas, params, 1)

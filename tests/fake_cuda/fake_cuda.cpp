@@ -77,6 +77,8 @@ struct FakeGraph {
 class FakeRuntime final : public device::Runtime {
  public:
   std::map<std::string, int64_t> counters;
+  // The devices named by the calls that act on one (call -> each device given, in order).
+  std::map<std::string, std::vector<int>> devices;
   std::vector<std::string> errors;
   intptr_t current = 1;
   intptr_t next_stream = 2;
@@ -90,6 +92,10 @@ class FakeRuntime final : public device::Runtime {
   std::vector<std::unique_ptr<FakeEvent>> events;
 
   void count(const char* what) { ++counters[what]; }
+  void count(const char* what, int device) {
+    ++counters[what];
+    devices[what].push_back(device);
+  }
   void error(std::string what) { errors.push_back(std::move(what)); }
 
   // The block holding [p, p + n), or null (an error when it is freed or unknown).
@@ -148,8 +154,8 @@ class FakeRuntime final : public device::Runtime {
   }
 
   // ---- device::Runtime ----
-  device::Stream current_stream(int) override {
-    count("current_stream");
+  device::Stream current_stream(int device) override {
+    count("current_stream", device);
     return reinterpret_cast<device::Stream>(current);
   }
 
@@ -164,8 +170,8 @@ class FakeRuntime final : public device::Runtime {
     return state;
   }
 
-  at::DataPtr alloc_device(size_t bytes, int, device::Stream stream) override {
-    count("alloc_device");
+  at::DataPtr alloc_device(size_t bytes, int device, device::Stream stream) override {
+    count("alloc_device", device);
     return allocate(bytes, false, reinterpret_cast<intptr_t>(stream));
   }
 
@@ -174,9 +180,9 @@ class FakeRuntime final : public device::Runtime {
     return allocate(bytes, true, 0);
   }
 
-  void copy_to_device_async(void* dst, const at::DataPtr& src, size_t bytes,
+  void copy_to_device_async(int device, void* dst, const at::DataPtr& src, size_t bytes,
                             device::Stream stream) override {
-    count("copy_to_device");
+    count("copy_to_device", device);
     const auto s = reinterpret_cast<intptr_t>(stream);
     if (FakeGraph* g = capture_of(s)) {
       Node n{true};
@@ -207,8 +213,8 @@ class FakeRuntime final : public device::Runtime {
     }
   }
 
-  device::Event record_event(int, device::Stream stream) override {
-    count("record_event");
+  device::Event record_event(int device, device::Stream stream) override {
+    count("record_event", device);
     const auto s = reinterpret_cast<intptr_t>(stream);
     if (capture_of(s)) error("an event recorded on a capturing stream");
     events.push_back(std::make_unique<FakeEvent>(FakeEvent{s, seq[s]}));
@@ -358,10 +364,11 @@ FakeRuntime& rt() {
 
 // What ema_update_cuda does around the kernel: the table for the current
 // stream, then the launch.
-void launch(const Plan& plan, const UpdateArgs& args) {
+// As ema_update_cuda: the table on the plan's device, for the current stream.
+void launch(const Plan& plan, const UpdateArgs& args, int device = 0) {
   if (plan.num_elements == 0 || args.skipped) return;
   const DeviceView table =
-      device_table_for_launch(plan, 0, reinterpret_cast<device::Stream>(rt().current));
+      device_table_for_launch(plan, device, rt().current_stream(device));
   rt().launch(plan, args, table);
 }
 
@@ -380,24 +387,22 @@ void update(std::vector<at::Tensor> emas, std::vector<at::Tensor> params,
 // build_plan does for CUDA tensors outside capture), then updated.
 class BoundPlan {
  public:
-  BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays)
+  BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays,
+            int device)
       : emas_(std::move(emas)), params_(std::move(params)),
-        plan_(build_plan(emas_, params_, num_decays)) {
-    device::Runtime& r = device::runtime();
-    const device::Stream s = r.current_stream(0);
-    if (!plan_->rows.empty() && !r.capture_state(s).capturing) {
-      device_table_for_launch(*plan_, 0, s);
-    }
+        plan_(build_plan(emas_, params_, num_decays)), device_(device) {
+    upload_unless_capturing(*plan_, device_);
   }
   void update(std::vector<double> decays, std::optional<at::Tensor> decay_tensor,
               std::optional<at::Tensor> skip) {
-    check_same_tensors(*plan_, emas_, params_);
-    launch(*plan_, make_update_args(*plan_, decays, decay_tensor, skip));
+    TORCH_CHECK(first_stale(*plan_, emas_, params_) < 0, "fused_ema: a tensor is stale");
+    launch(*plan_, make_update_args(*plan_, decays, decay_tensor, skip), device_);
   }
 
  private:
   std::vector<at::Tensor> emas_, params_;
   std::shared_ptr<const Plan> plan_;
+  int device_;
 };
 
 }  // namespace
@@ -417,7 +422,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear_plan_cache", &fused_ema::clear_plan_cache);
   m.def("uninstall", [] { fused_ema::device::set_runtime(nullptr); });
   m.def("counters", [] { return rt().counters; });
-  m.def("reset_counters", [] { rt().counters.clear(); });
+  m.def("devices", [] { return rt().devices; });
+  m.def("reset_counters", [] {
+    rt().counters.clear();
+    rt().devices.clear();
+  });
   m.def("errors", [] { return rt().errors; });
   m.def("new_stream", [] { return rt().next_stream++; });
   m.def("set_stream", [](intptr_t s) { rt().current = s; });
@@ -436,7 +445,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update", &update, py::arg("emas"), py::arg("params"), py::arg("decays"),
         py::arg("decay_tensor") = py::none(), py::arg("skip") = py::none());
   py::class_<BoundPlan>(m, "Plan")
-      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t>())
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int>(),
+           py::arg("emas"), py::arg("params"), py::arg("num_decays"), py::arg("device") = 0)
       .def("update", &BoundPlan::update, py::arg("decays"), py::arg("decay_tensor") = py::none(),
            py::arg("skip") = py::none());
 }
