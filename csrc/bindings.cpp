@@ -31,17 +31,21 @@ void ema_update_op(at::TensorList emas, at::TensorList params, double decay,
 }
 
 // A plan bound to its tensors: built (and validated) once, then each update
-// only checks that the tensors are still the same ones.
+// first checks that none of them is stale (nothing is written if one is).
 class BoundPlan {
  public:
   BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays)
       : emas_(std::move(emas)), params_(std::move(params)),
         plan_(build_plan(emas_, params_, num_decays)) {}
 
-  void update(const std::vector<double>& decays, const std::optional<at::Tensor>& decay_tensor,
-              const std::optional<at::Tensor>& skip) const {
-    check_same_tensors(*plan_, emas_, params_);
+  // -1 once updated; else the index of the first stale tensor (see first_stale),
+  // and nothing was written: the caller names it, or binds again.
+  int64_t update(const std::vector<double>& decays, const std::optional<at::Tensor>& decay_tensor,
+                 const std::optional<at::Tensor>& skip) const {
+    const int64_t stale = first_stale(*plan_, emas_, params_);
+    if (C10_UNLIKELY(stale >= 0)) return stale;
     run_plan(*plan_, make_update_args(*plan_, decays, decay_tensor, skip));
+    return -1;
   }
 
   const Plan& plan() const { return *plan_; }
@@ -51,87 +55,102 @@ class BoundPlan {
   std::shared_ptr<const Plan> plan_;
 };
 
-// What FusedEMA checks before each update, beyond what the plan checks: every
-// tracked tensor is still the object in its module's dict (assigning
+// Where CPython keeps a dict version tag (PEP 509, up to 3.13), an owner dict
+// whose tag has not moved since its entries were last verified is not looked
+// into: a training step costs one load per module dict, not one lookup per
+// tensor (measured on ResNet-50, GPT-2 small and a model of 5,000 modules: see
+// docs/DESIGN.md, "The per-step check").
+#ifndef FUSED_EMA_DICT_VERSION_TAG
+#define FUSED_EMA_DICT_VERSION_TAG (PY_VERSION_HEX < 0x030E0000)
+#endif
+
+// What FusedEMA checks before each update beyond its plans' own check: every
+// watched object is still what its owner holds under its key (a parameter in
+// its module's dict, a submodule in its parent's, a DTensor's local shard:
 // `module.weight = nn.Parameter(...)` replaces it there, not in the plan), and
-// a few tensors (staging copies, strided views) still have their data pointer.
-//
-// Entries are grouped by dict. Where CPython keeps a dict version tag (PEP 509,
-// up to 3.13), a dict whose tag has not moved since the last check is not looked
-// into: a training step then costs one load per module dict, not one lookup per
-// tensor. A moved tag (any write to that dict) means its entries are looked up.
-class IdentityWatch {
+// the tensors the plans reach only through a copy or a view (staging sources,
+// strided tensors) are not stale, by the plans' own rule (first_changed).
+class Watch {
  public:
-  IdentityWatch(const std::vector<pybind11::object>& dicts,
-                const std::vector<pybind11::object>& keys,
-                const std::vector<pybind11::object>& objects,
-                std::vector<at::Tensor> tensors)
-      : tensors_(std::move(tensors)) {
-    TORCH_CHECK_VALUE(dicts.size() == keys.size() && keys.size() == objects.size(),
-                      "fused_ema: IdentityWatch needs as many keys and objects as dicts");
+  Watch(std::vector<at::Tensor> tensors, const std::vector<pybind11::object>& owners,
+        const std::vector<pybind11::object>& keys, const std::vector<pybind11::object>& objects)
+      : tensors_(std::move(tensors)), keys_(plan_key({}, tensors_)) {
+    TORCH_CHECK_VALUE(owners.size() == keys.size() && keys.size() == objects.size(),
+                      "fused_ema: Watch needs as many keys and objects as owners");
+    // Entries of one owner side by side (in first-seen order), each with its index.
     std::unordered_map<PyObject*, size_t> group_of;
     std::vector<std::vector<size_t>> members;
-    for (size_t i = 0; i < dicts.size(); ++i) {
-      TORCH_CHECK_TYPE(PyDict_Check(dicts[i].ptr()), "fused_ema: IdentityWatch watches dicts, "
-                       "got ", Py_TYPE(dicts[i].ptr())->tp_name);
-      auto [it, added] = group_of.emplace(dicts[i].ptr(), members.size());
+    for (size_t j = 0; j < owners.size(); ++j) {
+      auto [it, added] = group_of.emplace(owners[j].ptr(), members.size());
       if (added) members.emplace_back();
-      members[it->second].push_back(i);
+      members[it->second].push_back(j);
     }
-    for (size_t g = 0; g < members.size(); ++g) {
-      Group group;
-      group.dict = dicts[members[g][0]];
-      group.begin = keys_.size();
-      for (size_t i : members[g]) {
-        keys_.push_back(keys[i]);
-        objects_.push_back(objects[i]);
-      }
-      group.end = keys_.size();
-      groups_.push_back(std::move(group));
+    for (const auto& m : members) {
+      Group g{owners[m[0]], entries_.size(), entries_.size() + m.size()};
+      for (size_t j : m) entries_.push_back({keys[j], objects[j], static_cast<int64_t>(j)});
+      groups_.push_back(std::move(g));
     }
-    data_.reserve(tensors_.size());
-    for (const auto& t : tensors_) data_.push_back(t.unsafeGetTensorImpl()->data());
   }
 
-  // True when nothing watched changed. Needs the GIL (it reads Python dicts).
-  bool intact() {
+  // -1 when nothing changed; else the first change: a tensor's index, or
+  // tensors.size() + j for entry j. Needs the GIL (it reads Python objects).
+  int64_t first_changed() {
+    const int64_t t = fused_ema::first_changed(tensors_, keys_.data());
+    if (t >= 0) return t;
+    const int64_t base = static_cast<int64_t>(tensors_.size());
+    int64_t first = -1;
     for (Group& g : groups_) {
-      PyObject* dict = g.dict.ptr();
-#if PY_VERSION_HEX < 0x030E0000
-      const uint64_t tag = reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
-      if (g.checked && tag == g.tag) continue;
+      PyObject* owner = g.owner.ptr();
+      const bool is_dict = PyDict_Check(owner);
+#if FUSED_EMA_DICT_VERSION_TAG
+      const uint64_t tag = is_dict ? reinterpret_cast<PyDictObject*>(owner)->ma_version_tag : 0;
+      if (is_dict && g.verified && tag == g.tag) continue;
 #endif
-      for (size_t i = g.begin; i < g.end; ++i) {
-        PyObject* now = PyDict_GetItemWithError(dict, keys_[i].ptr());  // borrowed
-        if (C10_UNLIKELY(now != objects_[i].ptr())) {
-          if (now == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
-          return false;
+      bool same = true;
+      for (size_t e = g.begin; e < g.end; ++e) {
+        if (C10_UNLIKELY(lookup(owner, is_dict, entries_[e].key.ptr()) !=
+                         entries_[e].object.ptr())) {
+          same = false;
+          if (first < 0 || entries_[e].index < first) first = entries_[e].index;
         }
       }
-#if PY_VERSION_HEX < 0x030E0000
+#if FUSED_EMA_DICT_VERSION_TAG
       g.tag = tag;
-      g.checked = true;
+      g.verified = same && is_dict;
 #endif
     }
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      if (C10_UNLIKELY(tensors_[i].unsafeGetTensorImpl()->data() != data_[i])) return false;
-    }
-    return true;
+    return first < 0 ? -1 : base + first;
   }
 
-  size_t size() const { return keys_.size() + tensors_.size(); }
+  size_t size() const { return tensors_.size() + entries_.size(); }
 
  private:
-  struct Group {
-    pybind11::object dict;
-    size_t begin = 0, end = 0;  // its entries in keys_ / objects_
-    uint64_t tag = 0;
-    bool checked = false;
+  // owner[key] (borrowed) for a dict, else the identity of getattr(owner, key).
+  static PyObject* lookup(PyObject* owner, bool is_dict, PyObject* key) {
+    if (is_dict) {
+      PyObject* now = PyDict_GetItemWithError(owner, key);
+      if (now == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+      return now;
+    }
+    PyObject* now = PyObject_GetAttr(owner, key);  // a new reference
+    if (now == nullptr) throw pybind11::error_already_set();
+    Py_DECREF(now);  // only its identity is compared (the owner keeps it alive)
+    return now;
+  }
+  struct Entry {
+    pybind11::object key, object;
+    int64_t index;  // its position in the constructor's lists
   };
-  std::vector<Group> groups_;
-  std::vector<pybind11::object> keys_, objects_;
+  struct Group {
+    pybind11::object owner;
+    size_t begin = 0, end = 0;  // its entries in entries_
+    uint64_t tag = 0;
+    bool verified = false;      // every entry matched when the owner had version `tag`
+  };
   std::vector<at::Tensor> tensors_;
-  std::vector<const void*> data_;
+  std::vector<TensorKey> keys_;
+  std::vector<Entry> entries_;
+  std::vector<Group> groups_;
 };
 
 bool compiled_with_cuda() {
@@ -186,14 +205,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_decays", [](const BoundPlan& b) { return b.plan().num_decays; })
       .def_property_readonly("num_elements",
                              [](const BoundPlan& b) { return b.plan().num_elements; });
-  py::class_<fused_ema::IdentityWatch>(
-      m, "IdentityWatch",
-      "dicts[i][keys[i]] is objects[i] for every i, and tensors keep their data pointers.")
-      .def(py::init<const std::vector<py::object>&, const std::vector<py::object>&,
-                    const std::vector<py::object>&, std::vector<at::Tensor>>(),
-           py::arg("dicts"), py::arg("keys"), py::arg("objects"), py::arg("tensors"))
-      .def("intact", &fused_ema::IdentityWatch::intact)
-      .def("__len__", &fused_ema::IdentityWatch::size);
+  py::class_<fused_ema::Watch>(
+      m, "Watch",
+      "Whether anything FusedEMA's plans cannot see changed: tensors by the plans' rule, and "
+      "objects by identity in their owner (a dict, or an object's attribute).")
+      .def(py::init<std::vector<at::Tensor>, const std::vector<py::object>&,
+                    const std::vector<py::object>&, const std::vector<py::object>&>(),
+           py::arg("tensors"), py::arg("owners"), py::arg("keys"), py::arg("objects"))
+      .def("first_changed", &fused_ema::Watch::first_changed)
+      .def("__len__", &fused_ema::Watch::size);
   m.def("compiled_with_cuda", &fused_ema::compiled_with_cuda);
   m.def("compiled_with_openmp", &fused_ema::compiled_with_openmp);
   m.attr("CHUNK") = fused_ema::kChunk;

@@ -172,26 +172,10 @@ def check_device(model_device: torch.device, ema_device: torch.device, srcs) -> 
             "holds 1/world_size of the EMA); leave device= unset")
 
 
-class _LocalPtr:
-    """``data_ptr()`` of a DTensor's current local tensor, for the per-step check that no
-    tensor got new storage (FSDP can re-home a shard, e.g. after ``to_empty``)."""
-    __slots__ = ("t",)
-
-    def __init__(self, t):
-        self.t = t
-
-    def data_ptr(self) -> int:
-        return self.t._local_tensor.data_ptr()
-
-
-def watch(tensors) -> List[tuple]:
-    """``(_LocalPtr, ptr)`` pairs for the DTensors among ``tensors`` (FusedEMA's ``_views``)."""
-    out = []
-    for t in tensors:
-        if is_dtensor(t):
-            p = _LocalPtr(t)
-            out.append((p, p.data_ptr()))
-    return out
+def watch_entries(tensors) -> List[tuple]:
+    """``(dtensor, "_local_tensor", local tensor)`` for the DTensors among ``tensors``: the
+    per-step check that FSDP did not give a shard a new local tensor (e.g. ``to_empty``)."""
+    return [(t, "_local_tensor", t._local_tensor) for t in tensors if is_dtensor(t)]
 
 
 # ----------------------------------------------------------------------------- state dicts

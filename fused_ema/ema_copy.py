@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from . import distributed
-from .options import FLOAT_DTYPES
 from .schedules import Schedule
 from .selection import Source, walk
+from .validation import FLOAT_DTYPES, is_dense
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -76,6 +76,23 @@ def copy_module(model: nn.Module, sources: Sequence[Source], device: torch.devic
 def copy_list(sources: Sequence[Source], device: torch.device,
               ema_dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
     return [ema_tensor(s.tensor, device, ema_dtype) for s in sources]
+
+
+@torch.no_grad()
+def follow_layout(srcs: Sequence[torch.Tensor],
+                  emas_per_decay: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Gives each EMA tensor its model tensor's memory layout when the model's changed
+    since the copy was made (``model.to(memory_format=torch.channels_last)``): the engine
+    reads both as one flat array. The tensor objects stay (``.data`` is set)."""
+    for i, t in enumerate(srcs):
+        if t.numel() <= 1 or not is_dense(t):
+            continue
+        for emas in emas_per_decay:
+            e = emas[i]
+            if e.stride() != t.stride() and e.shape == t.shape:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=e.dtype, device=e.device)
+                new.copy_(e)
+                e.data = new
 
 
 def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Source],

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _ext, fallback
+from . import _ext, fallback, validation
 
 Decay = Union[float, torch.Tensor]
 
@@ -39,14 +39,6 @@ def _split_decays(decays) -> Tuple[List[float], Optional[torch.Tensor]]:
     dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     return [], torch.stack([torch.as_tensor(d, dtype=dtype, device=ref.device).reshape(())
                             for d in decays])
-
-
-def _check_lists(emas_per_decay, params) -> None:
-    for k, emas in enumerate(emas_per_decay):
-        if len(emas) != len(params):
-            raise ValueError(
-                f"fused_ema: got {len(emas)} EMA tensors in emas[{k}] for {len(params)} params; "
-                "each EMA list must be as long as params")
 
 
 def _device_type(params) -> str:
@@ -84,7 +76,7 @@ def multi_ema_update_(
     """
     emas_per_decay = [list(e) for e in emas_per_decay]
     params = list(params)
-    _check_lists(emas_per_decay, params)
+    validation.check_lists(emas_per_decay, params)
     if len(emas_per_decay) == 0:
         raise ValueError("fused_ema: multi_ema_update_ needs at least one EMA list")
     floats, decay_tensor = _split_decays(decays)  # the backends check the count
@@ -106,7 +98,7 @@ def ema_update_(
     params' dtype; the arithmetic is fp32 (fp64 for fp64 EMAs).
     """
     emas, params = list(emas), list(params)
-    _check_lists([emas], params)
+    validation.check_lists([emas], params)
     floats, decay_tensor = _split_decays([decay])
     _run([emas], params, floats, decay_tensor, skip, single=True)
 
@@ -138,39 +130,25 @@ class EMAPlan:
     def _setup(self, emas_per_decay: List[List[torch.Tensor]], params: List[torch.Tensor]):
         if len(emas_per_decay) == 0:
             raise ValueError("fused_ema: an EMAPlan needs at least one EMA list")
-        _check_lists(emas_per_decay, params)
+        validation.check_lists(emas_per_decay, params)
         self.emas_per_decay = emas_per_decay
         self.params = params
         self.num_decays = len(emas_per_decay)
         self.backend = backend(_device_type(params))
+        # params..., then each decay's EMAs: the order in which a stale tensor is named
+        self._tensors = params + [e for emas in emas_per_decay for e in emas]
         if self.backend == "python":
-            fallback.validate(emas_per_decay, params)
-            self._keys = self._tensor_keys()
+            validation.validate(emas_per_decay, params)
+            self._keys = [validation.tensor_key(t) for t in self._tensors]
             self._plan = None
         else:
-            flat = [e for emas in emas_per_decay for e in emas]
-            self._plan = _ext._C.Plan(flat, params, self.num_decays)
+            self._plan = _ext._C.Plan(self._tensors[len(params):], params, self.num_decays)
 
-    def _tensor_keys(self):
-        return [(t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-                for t in self.params + [e for emas in self.emas_per_decay for e in emas]]
-
-    def _check_same_tensors(self) -> None:
-        """The fallback's form of the compiled plan's check, with the same message."""
-        keys = self._tensor_keys()
-        if keys == self._keys:
-            return
-        j = next(j for j, (a, b) in enumerate(zip(keys, self._keys)) if a != b)
-        n = len(self.params)
-        if j < n:
-            name = f"params[{j}]"
-        elif self.num_decays == 1:
-            name = f"emas[{j - n}]"
-        else:
-            name = f"emas[{(j - n) // n}][{(j - n) % n}]"
-        raise RuntimeError(
-            f"fused_ema: {name} was replaced or resized since the plan was built (its "
-            "storage, shape, dtype or layout changed); build a new EMAPlan")
+    def first_stale(self) -> int:
+        """Index of the first tensor (in params..., emas... order) that was replaced or
+        resized since the plan was built, or -1 (the compiled plan checks this itself
+        before every update)."""
+        return validation.first_changed(self._tensors, self._keys)
 
     @property
     def emas(self) -> List[torch.Tensor]:
@@ -179,22 +157,33 @@ class EMAPlan:
 
     def update_(self, decay: Union[Decay, Sequence[Decay]], skip: Optional[torch.Tensor] = None):
         """Applies one update: ``decay`` is a float or 0-d tensor, or for a multi plan a
-        sequence of K of them (or a tensor of K values)."""
+        sequence of K of them (or a tensor of K values). Raises (nothing written) if a
+        tensor was replaced or resized since the plan was built."""
         plan = self._plan
-        if plan is not None:  # the per-step hot path: host floats need no conversion
-            if type(decay) is float and self.num_decays == 1:
-                return plan.update_((decay,), None, skip)
-            if type(decay) in (list, tuple) and all(type(d) is float for d in decay):
-                return plan.update_(decay, None, skip)
-        if self.num_decays == 1 and (not isinstance(decay, (list, tuple))):
-            decay = [decay]
-        floats, decay_tensor = _split_decays(decay)
+        if plan is not None and type(decay) is float and self.num_decays == 1:
+            stale = plan.update_((decay,), None, skip)  # the per-step hot paths
+        elif (plan is not None and type(decay) in (list, tuple)
+              and all(type(d) is float for d in decay)):
+            stale = plan.update_(decay, None, skip)
+        else:
+            if self.num_decays == 1 and not isinstance(decay, (list, tuple)):
+                decay = [decay]
+            stale = self.try_update_(*_split_decays(decay), skip)
+        if stale >= 0:
+            raise validation.stale_error(stale, len(self.params), self.num_decays)
+
+    def try_update_(self, decays: List[float], decay_tensor: Optional[torch.Tensor],
+                    skip: Optional[torch.Tensor]) -> int:
+        """The update with host ``decays`` or a ``decay_tensor``, if no tensor is stale:
+        returns -1, or the index of the first stale tensor with nothing written (what the
+        compiled plan's ``update_`` returns; ``FusedEMA`` then binds again)."""
         if self._plan is not None:
-            self._plan.update_(floats, decay_tensor, skip)
-            return
-        self._check_same_tensors()
-        fallback.multi_ema_update_(self.emas_per_decay, self.params, floats, decay_tensor, skip,
-                                   validated=True)
+            return self._plan.update_(decays, decay_tensor, skip)
+        stale = self.first_stale()
+        if stale < 0:
+            fallback.multi_ema_update_(self.emas_per_decay, self.params, decays, decay_tensor,
+                                       skip, validated=True)
+        return stale
 
     def __repr__(self) -> str:
         n = len(self.params)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from fused_ema import EMAPlan, FusedEMA, _ext, selection
-from fused_ema.binding import PyIdentityWatch
+from fused_ema.binding import PyWatch
 
-WATCHES = [pytest.param(PyIdentityWatch, id="python")]
+WATCHES = [pytest.param(PyWatch, id="python")]
 if _ext._C is not None:
-    WATCHES.append(pytest.param(_ext._C.IdentityWatch, id="compiled"))
+    WATCHES.append(pytest.param(_ext._C.Watch, id="compiled"))
 
 
 def make_model():
@@ -87,34 +87,47 @@ def test_walk_drops_wrapper_prefixes_and_ties():
 # ----------------------------------------------------------------------------- the watch
 
 @pytest.mark.parametrize("Watch", WATCHES)
-def test_identity_watch_sees_replacements(Watch):
+def test_watch_names_the_first_change(Watch):
     d1 = {"a": object(), "b": object()}
     d2 = {"c": object()}
-    t = torch.randn(4)
-    watch = Watch([d1, d1, d2], ["a", "b", "c"], [d1["a"], d1["b"], d2["c"]], [t])
-    assert len(watch) == 4
-    assert watch.intact() and watch.intact()  # twice: the second may use the version tags
+    t, u = torch.randn(4), torch.randn(3)
+    watch = Watch([t, u], [d1, d1, d2], ["a", "b", "c"], [d1["a"], d1["b"], d2["c"]])
+    assert len(watch) == 5
+    assert watch.first_changed() == -1 and watch.first_changed() == -1
     d1["unrelated"] = 1  # a write to a watched dict that keeps every watched entry
-    assert watch.intact()
+    assert watch.first_changed() == -1
     d1["b"] = object()
-    assert not watch.intact()
+    assert watch.first_changed() == 3  # tensors first, then the entries in order
     d1["b"] = watch_obj = object()
-    assert not watch.intact()
+    assert watch.first_changed() == 3
     del watch_obj
-    watch = Watch([d1, d2], ["a", "c"], [d1["a"], d2["c"]], [t])
+    watch = Watch([t, u], [d1, d2], ["a", "c"], [d1["a"], d2["c"]])
     del d2["c"]
-    assert not watch.intact()
+    assert watch.first_changed() == 3
     d2["c"] = object()
-    assert not watch.intact()
-    watch = Watch([d1], ["a"], [d1["a"]], [t])
-    t.data = torch.randn(4)  # new storage under the same tensor object
-    assert not watch.intact()
+    assert watch.first_changed() == 3
+    watch = Watch([t, u], [d1], ["a"], [d1["a"]])
+    u.data = torch.randn(3)  # new storage under the same tensor object
+    assert watch.first_changed() == 1
+    u.data = u.data[:2]  # a new shape
+    assert watch.first_changed() == 1
 
 
-@pytest.mark.skipif(_ext._C is None, reason="compiled module not built")
-def test_compiled_identity_watch_refuses_non_dicts():
-    with pytest.raises(TypeError, match="watches dicts"):
-        _ext._C.IdentityWatch([[1]], ["a"], [1], [])
+@pytest.mark.parametrize("Watch", WATCHES)
+def test_watch_follows_an_attribute_of_any_owner(Watch):
+    # A DTensor's local shard is an attribute (a slot), not a dict entry.
+    class Owner:
+        __slots__ = ("_local_tensor",)
+
+    owner = Owner()
+    owner._local_tensor = first = torch.randn(2)
+    watch = Watch([], [owner], ["_local_tensor"], [first])
+    assert watch.first_changed() == -1
+    owner._local_tensor = torch.randn(2)
+    assert watch.first_changed() == 0
+    del owner._local_tensor
+    with pytest.raises(AttributeError):
+        watch.first_changed()
 
 
 # ----------------------------------------------------------------------------- replacements
@@ -137,7 +150,8 @@ def watch_kind(request, monkeypatch):
     """Runs a FusedEMA test with the compiled identity watch and with the pure-Python one."""
     if request.param == "python":
         from fused_ema import binding
-        monkeypatch.setattr(binding, "identity_watch", PyIdentityWatch)
+        monkeypatch.setattr(binding, "watch", lambda tensors, entries: PyWatch(
+            tensors, *([[e[j] for e in entries] for j in range(3)])))
     return request.param
 
 
@@ -145,8 +159,8 @@ def watch_kind(request, monkeypatch):
 def test_every_kind_of_replacement_is_followed(how, watch_kind):
     model = make_model()
     ema = FusedEMA(model, decay=0.5)
-    assert type(ema._binding._watch).__name__ == ("PyIdentityWatch" if watch_kind == "python"
-                                                  else "IdentityWatch")
+    assert type(ema._binding._watch).__name__ == ("PyWatch" if watch_kind == "python"
+                                                  else "Watch")
     state = ema_state_of(ema.module)
     for step in range(3):
         if step == 1:
