@@ -6,7 +6,6 @@ decay (the EMA module's ``state_dict``, or name -> tensor for a list of tensors)
 EMA's own dtype; ``settings`` are plain values (schedules as their ``settings()``).
 Loading checks everything first and writes nothing when a check fails.
 """
-import numbers
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -15,6 +14,7 @@ import torch
 from . import distributed, schedules as _schedules
 from .schedules import Schedule
 from .selection import normalize
+from .validation import check_count
 
 FORMAT = "fused_ema.FusedEMA/1"
 
@@ -44,29 +44,15 @@ def state_dict(ema) -> Dict[str, Any]:
     return {"format": FORMAT, "step": ema.step, "emas": emas, "settings": settings(ema)}
 
 
-def schedule_from_settings(d: Dict[str, Any]) -> Optional[Schedule]:
-    """The schedule a ``settings()`` dict describes (None for a user callable, which a
-    checkpoint cannot hold)."""
-    kind = d.get("type")
-    args = {k: v for k, v in d.items() if k != "type"}
-    if kind in ("Constant", "Warmup", "Cosine", "HalfLife"):
-        return getattr(_schedules, kind)(**args)
-    return None
-
-
-def _check_step(step) -> int:
-    if isinstance(step, torch.Tensor):
-        step = int(step.item())
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"fused_ema: bad step in the checkpoint: {step!r}")
-    return int(step)
-
-
 def load_state_dict(ema, state_dict: Dict[str, Any], strict: bool = True) -> None:
     """See ``FusedEMA.load_state_dict``."""
     if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
         raise ValueError("fused_ema: not a FusedEMA state_dict (expected the dict returned "
                          "by FusedEMA.state_dict())")
+    missing = [k for k in ("step", "emas") if k not in state_dict]
+    if missing:
+        raise ValueError(f"fused_ema: the checkpoint has no {' and no '.join(map(repr, missing))}"
+                         " entry; it is not a whole FusedEMA.state_dict()")
     saved, ours = state_dict.get("settings", {}), settings(ema)
     differ = [k for k, v in ours.items() if saved.get(k) != v]
     adopt = {}
@@ -86,17 +72,14 @@ def load_state_dict(ema, state_dict: Dict[str, Any], strict: bool = True) -> Non
         if not isinstance(saved_decays, list) or len(saved_decays) != ema.num_decays:
             raise ValueError(f"fused_ema: the checkpoint holds {len(saved_decays or [])} "
                              f"decay(s), this FusedEMA {ema.num_decays}")
-        new_schedules = [schedule_from_settings(d) for d in saved_decays]
+        new_schedules = [_schedules.from_settings(d) for d in saved_decays]
         if any(s is None for s in new_schedules):
             raise ValueError("fused_ema: the checkpoint's decay is a user callable, which it "
                              "cannot restore; build the FusedEMA with that callable")
     for k in ("update_after_step", "update_every"):
         if k in adopt:
-            v = adopt[k]
-            low = 1 if k == "update_every" else 0
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise ValueError(f"fused_ema: bad {k} in the checkpoint: {v!r}")
-    step = _check_step(state_dict["step"])
+            check_count(f"{k} in the checkpoint", adopt[k], 1 if k == "update_every" else 0)
+    step = check_count("step in the checkpoint", state_dict["step"])
     emas = state_dict["emas"]
     if len(emas) != ema.num_decays:
         raise ValueError(f"fused_ema: the checkpoint holds {len(emas)} EMA(s), this "

@@ -14,7 +14,6 @@ A thin class over parts that each do one job:
 This file holds the state (step counter, EMA copies, the current binding) and the
 public methods.
 """
-import numbers
 import re
 import warnings
 from contextlib import contextmanager
@@ -23,21 +22,14 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, ema_copy, optim_hook, selection
+from . import checkpoint, distributed, ema_copy, optim_hook, selection, validation
 from .binding import Binding, ListRun, Stale, match, model_device
-from .options import FLOAT_DTYPES, DecayLike, Options, constant_decays
+from .options import DecayLike, Options, constant_decays
 from .schedules import Schedule
 from .selection import unwrap
+from .validation import FLOAT_DTYPES
 
 __all__ = ["FusedEMA"]
-
-
-def _check_step(value) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"fused_ema: step must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 class FusedEMA:
@@ -212,7 +204,7 @@ class FusedEMA:
     def step(self, value: int) -> None:
         """Sets the counter (a resume that restored only the EMA weights): the next
         ``update`` applies the decay of step ``value``."""
-        self._set_step(_check_step(value))
+        self._set_step(validation.check_count("step", value))
 
     @property
     def schedules(self) -> List[Schedule]:
@@ -270,32 +262,35 @@ class FusedEMA:
         found = self._model_tensors(model)
         return match(found, self._selection.names, self._known, self._ema_tensors(0)), found
 
-    def _bind(self, model: Optional[nn.Module] = None) -> Binding:
-        """Matches the model's tensors to the EMA's and builds the plans (validation once)."""
-        if model is not None:
-            model = unwrap(model)
-        distributed.reshard(self._model if model is None else model)  # FSDP2: sharded params
+    def _binding_for(self, model: Optional[nn.Module] = None) -> Binding:
+        """Matches a model's tensors (default: the online model's) to the EMA's and builds
+        the plans over them (validation once). Another model's binding is used for one
+        update and not kept: the EMA stays bound to its own model."""
+        own = model is None
+        target = self._model if own else unwrap(model)
+        distributed.reshard(target)  # FSDP2: the sharded params are the ones to match
         names, kinds = self._selection.names, self._selection.kinds
-        srcs, found = self._match(model)
+        srcs, found = self._match(None if own else target)
         floats = [t for t, kind in zip(srcs, kinds) if kind != "other"]
         src_device = model_device(names, kinds, srcs)
         distributed.check_device(src_device, self._device, floats)
-        if src_device != self._device and not self._device_explicit:
+        if own and src_device != self._device and not self._device_explicit:
             self._move_ema(src_device)  # the model moved and the EMA follows it
         emas = [[e[n] for n in names] for e in map(self._ema_tensors, range(self.num_decays))]
-        target = None
-        watched = []
-        if self._model is not None:
-            target = self._model if model is None else model
+        ema_copy.follow_layout(srcs, emas)
+        entries = []
+        if own and target is not None:
             # what the per-step check compares by identity: each tracked tensor in its
             # module's dict, and each submodule in its parent's (a replaced submodule)
-            watched = [(c, k, t) for t, c, k in (found[n] for n in names)]
-            watched += [(m._modules, k, c) for m in target.modules()
+            entries = [(c, k, t) for t, c, k in (found[n] for n in names)]
+            entries += [(m._modules, k, c) for m in target.modules()
                         for k, c in m._modules.items() if c is not None]
-        binding = Binding(names, kinds, srcs, emas, self._device, self.capturable, watched)
-        if target is not None:
-            self._model = target
-        self._binding = binding
+        return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries)
+
+    @torch.compiler.disable  # plans are built eagerly, also when update() is compiled
+    def _bind(self) -> Binding:
+        """Binds the EMA to its own model's current tensors."""
+        self._binding = binding = self._binding_for()
         if self.capturable and self._step_t.device != self._device:
             self._step_t = self._step_t.to(self._device)
         return binding
@@ -367,25 +362,28 @@ class FusedEMA:
         applies the decay of that step.
         """
         if step is not None:
-            self._set_step(_check_step(step))
+            self._set_step(validation.check_count("step", step))
+        if skip is not None:  # a Python bool too
+            skip = validation.check_skip(skip if isinstance(skip, torch.Tensor)
+                                         else torch.tensor(bool(skip)))
         compiling = torch.compiler.is_compiling()
-        b = self._binding
+        b, rebind = self._binding, self._bind
         if model is not None and not isinstance(model, nn.Module):
-            b = self._list_run(model)
+            b = self._list_run(model)  # through the functional path: never stale
+            rebind = None
         elif model is not None and unwrap(model) is not self._model:
             if self._model is None:
                 raise TypeError("fused_ema: this FusedEMA averages a list of tensors; "
                                 "update() takes no model")
-            b = self._bind(model)
-        elif not compiling and (b is None or not b.intact()):
+            b = self._binding_for(model)  # around the binding: the EMA stays bound to its own
+            rebind = lambda: self._binding_for(model)  # noqa: E731
+        elif b is None or (not compiling and not b.intact()):
             b = self._bind()
-        if skip is not None and not isinstance(skip, torch.Tensor):
-            skip = torch.tensor(bool(skip))
         if self.capturable:
-            return self._update_capturable(b, skip, compiling)
+            return self._update_capturable(b, skip, compiling, rebind)
         s = self._step
         if skip is not None and skip.device.type == "cpu":
-            if skip.reshape(-1)[0].item() != 0:  # host memory: no sync
+            if skip.reshape(()).item() != 0:  # host memory: no sync
                 return
             skip = None
         if (s + 1) % self.update_every:
@@ -396,7 +394,7 @@ class FusedEMA:
             b.stage()
             if skip is not None and skip.device != self._device:
                 skip = skip.to(self._device)
-        self._run(b, decays, skip)
+        self._run(b, decays, skip, rebind)
         self._step = s + 1
 
     def _list_run(self, tensors) -> ListRun:
@@ -406,7 +404,7 @@ class FusedEMA:
                  for i, (t, _, kind) in enumerate(per_decay[0])]
         return ListRun(pairs, self.num_decays)
 
-    def _run(self, b: Binding, decays, skip) -> None:
+    def _run(self, b: Binding, decays, skip, rebind) -> None:
         start = 0
         while True:
             try:
@@ -415,11 +413,11 @@ class FusedEMA:
                 # A tensor got new storage (model.to(), p.data = ...): bind again and go on
                 # from this group (the groups before it are already updated).
                 start = stale.start
-                b = self._bind()
+                b = rebind()
                 if b.cross:
                     b.stage()
 
-    def _update_capturable(self, b: Binding, skip, compiling: bool) -> None:
+    def _update_capturable(self, b: Binding, skip, compiling: bool, rebind) -> None:
         s = self._step_t
         decays = self._decays_tensor(s)
         flag = None
@@ -431,7 +429,7 @@ class FusedEMA:
         if compiling:
             b.run_traced(decays, flag)
         else:
-            self._run(b, decays, flag)
+            self._run(b, decays, flag, rebind)
         with torch.no_grad():
             if skip is not None:
                 s.add_((skip.reshape(()) == 0).to(torch.int64))
@@ -575,8 +573,8 @@ class FusedEMA:
         """Moves the EMA (every decay's copy) to ``device`` and / or casts its floating
         tensors to ``dtype``. A device other than the model's keeps the EMA there (each
         update copies the weights over first, as with ``FusedEMA(device=...)``)."""
-        if dtype is not None and dtype not in FLOAT_DTYPES:
-            raise TypeError(f"fused_ema: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        if dtype is not None:
+            validation.check_float_dtype("dtype", dtype)
         new_device = self._device if device is None else torch.device(device)
         if new_device.type == "cuda" and new_device.index is None:
             new_device = torch.device("cuda", torch.cuda.current_device())
@@ -634,6 +632,13 @@ class FusedEMA:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        # Bound now, so that a compiled update() never meets a missing binding. Where the
+        # model is not whole yet (an EMA pickled inside its own model), the first update
+        # binds instead, and reports whatever fails then.
+        try:
+            self._bind()
+        except Exception:
+            self._binding = None
 
     # ------------------------------------------------------------------ state dict
 

@@ -343,3 +343,81 @@ def test_user_supplied_ema_model_errors_modify_nothing():
         FusedEMA(model, decays=[0.5, 0.9], ema_model=make_model())
     with pytest.raises(TypeError, match="must be an nn.Module"):
         FusedEMA(model, decay=0.5, ema_model=[3])
+
+
+# ----------------------------------------------------------------------------- issue 16's bugs
+
+def test_update_from_another_model_leaves_the_binding_alone():
+    model, other = make_model(0), make_model(1)
+    ema = FusedEMA(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema.attach(optimizer)
+    ref = state(ema.module)
+    ema.update(other)  # around the binding: matched by name, for this update only
+    ref_update(ref, other, 0.5)
+    bump(model)
+    ema.update()  # the bound model again, not `other`
+    ref_update(ref, model, 0.5)
+    for n, t in state(ema.module).items():
+        torch.testing.assert_close(t, ref[n], **TOL, msg=n)
+    with ema.swapped():  # swaps into the bound model
+        assert torch.equal(model[0].weight, ema.module[0].weight)
+    assert not torch.equal(other[0].weight, ema.module[0].weight)
+    model(torch.randn(2, 5)).sum().backward()
+    optimizer.step()  # the hook updates from the bound model
+    ref_update(ref, model, 0.5)
+    for n, t in state(ema.module).items():
+        torch.testing.assert_close(t, ref[n], **TOL, msg=n)
+    target = make_model(2)
+    ema.copy_to()
+    assert torch.equal(model[3].bias, ema.module[3].bias)
+    assert not torch.equal(target[3].bias, ema.module[3].bias)
+
+
+@pytest.mark.parametrize("missing", [["step"], ["emas"], ["step", "emas"]])
+def test_load_state_dict_without_step_or_emas_names_them(missing):
+    ema = FusedEMA(make_model(), decay=0.9)
+    sd = ema.state_dict()
+    for k in missing:
+        del sd[k]
+    before = snapshot(ema.module)
+    with pytest.raises(ValueError, match="has no " + " and no ".join(f"'{k}'" for k in missing)):
+        ema.load_state_dict(sd)
+    assert_same(snapshot(ema.module), before)
+
+
+@pytest.mark.parametrize("skip", [torch.zeros(2, dtype=torch.bool), torch.ones(3),
+                                  torch.zeros(0, dtype=torch.bool)])
+def test_skip_must_hold_one_value(skip):
+    model = make_model()
+    ema = FusedEMA(model, decay=0.5)
+    bump(model)
+    before = snapshot(ema.module)
+    with pytest.raises(ValueError, match=f"skip must hold one value, got {skip.numel()}"):
+        ema.update(skip=skip)
+    assert_same(snapshot(ema.module), before)
+    assert ema.step == 0
+
+
+def test_load_state_dict_strict_false_adopts_a_power_function():
+    from fused_ema.schedules import PowerFunction
+    saved = FusedEMA(make_model(), decay=PowerFunction(gamma=6.94))
+    saved.update()
+    ema = FusedEMA(make_model(), decay=0.9)
+    with pytest.warns(UserWarning, match="adopted"):
+        ema.load_state_dict(saved.state_dict(), strict=False)
+    assert isinstance(ema.schedules[0], PowerFunction) and ema.schedules[0].gamma == 6.94
+    assert ema.decay_at(5) == saved.decay_at(5)
+
+
+def test_unpickled_ema_under_torch_compile():
+    model = make_model()
+    model, ema = pickle.loads(pickle.dumps((model, FusedEMA(model, decay=0.5, capturable=True))))
+    ref = state(ema.module)
+    update = torch.compile(ema.update, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        bump(model)
+        update()
+        ref_update(ref, model, 0.5)
+    for n, t in state(ema.module).items():
+        torch.testing.assert_close(t, ref[n], **TOL, msg=n)
