@@ -192,7 +192,8 @@ class EMAModel:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a ``state_dict()`` (this class's or diffusers'); missing keys keep their
-        value. Everything is checked before anything is assigned."""
+        value. Everything is checked before anything is assigned, ``shadow_params`` against
+        the current ones (as many, of the same shapes)."""
         state_dict = copy.deepcopy(state_dict)
         new = {k: state_dict.get(k, getattr(self, k)) for k in
                ("decay", "min_decay", "optimization_step", "update_after_step",
@@ -211,6 +212,9 @@ class EMAModel:
                 raise ValueError("shadow_params must be a list")
             if not all(isinstance(p, torch.Tensor) for p in shadow):
                 raise ValueError("shadow_params must all be Tensors")
+            # an EMA of another model would be swapped in silently and fail at the next step
+            _pairs.check_pairs(self.shadow_params, shadow, "shadow params",
+                               "shadow_params in the state dict")
         for key, value in new.items():
             setattr(self, key, value)
         if shadow is not None:
