@@ -170,6 +170,14 @@ def test_user_supplied_ema_model_and_bad_input():
     for k, v in before.items():
         if k.startswith("ema_model."):
             assert torch.equal(after[k], v), k
+    # and the counters did not move: the next good update is the one that failed
+    assert mine.step.item() == mine._host_step == 2 and mine.initted.item()
+    # the first update (the copy) with an EMA model of another shape: still not initted
+    fresh = ours.EMA(_model(), ema_model=model, update_every=1)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.update()
+    assert fresh.step.item() == fresh._host_step == 0
+    assert not fresh.initted.item() and not fresh._host_initted
 
 
 @pytest.mark.parametrize("inv_gamma,power,min_value,beta", [

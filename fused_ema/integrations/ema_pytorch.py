@@ -199,7 +199,10 @@ class EMA(nn.Module):
         beta=0.999 gives float32(0.999) = 0.99900001287...). The pow runs as the same
         0-d float32 torch ops; the integer step and the clamp are done on the host, where
         they give the same values."""
-        epoch = max(self._host_step - self.update_after_step - 1, 0)
+        return self._decay_at(self._host_step)
+
+    def _decay_at(self, step: int) -> float:
+        epoch = max(step - self.update_after_step - 1, 0)
         if epoch <= 0:
             return 0.0
         top = float(np.float32(self.beta))
@@ -214,25 +217,26 @@ class EMA(nn.Module):
         return min(max(value, float(np.float32(self.min_value))), top)
 
     def update(self) -> None:
+        """ema-pytorch's update; the counters advance after the tensors were written (a
+        model that no longer matches the EMA raises and leaves them as they were)."""
         step = self._host_step
-        self._host_step = step + 1
-        self.step += 1
+        should_update = step % self.update_every == 0
         if not self._host_initted:
             if self.ema_model is None:
                 self.init_ema()
             self.copy_params_from_model_to_ema()
             self.initted.data.copy_(torch.tensor(True))
             self._host_initted = True
-            return
-        should_update = step % self.update_every == 0
-        if should_update and step <= self.update_after_step:
+        elif should_update and step <= self.update_after_step:
             self.copy_params_from_model_to_ema()
-            return
-        if should_update:
-            self.update_moving_average(self.ema_model, self.model)
-        if (self.update_model_with_ema_every is not None
-                and step % self.update_model_with_ema_every == 0):
-            self.update_model_with_ema()
+        else:
+            if should_update:  # the decay of the step this update completes
+                self.update_moving_average(self.ema_model, self.model, self._decay_at(step + 1))
+            if (self.update_model_with_ema_every is not None
+                    and step % self.update_model_with_ema_every == 0):
+                self.update_model_with_ema()
+        self._host_step = step + 1
+        self.step += 1
 
     def _skipped(self, name: str) -> bool:
         return name in self.ignore_names or any(
