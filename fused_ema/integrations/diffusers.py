@@ -17,6 +17,11 @@ Parameters with ``requires_grad=False`` are copied, as in diffusers. Shadows on 
 device than the parameters (offload) are updated without calling ``to()`` first.
 DeepSpeed ZeRO-3 gathering is not done (diffusers gathers each parameter when ZeRO-3 is
 enabled): averaging ZeRO-3 shards needs the EMA sharded like them.
+
+A drop-in for the module ``diffusers.training_utils`` (0.42.1), where training scripts
+import ``EMAModel`` from: ``EMAModel`` is ours; every other public name of that module
+(``compute_snr``, ``cast_training_params``, ``free_memory`` ...) is diffusers' own object,
+imported on first use.
 """
 import copy
 import warnings
@@ -24,9 +29,11 @@ from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from . import _pairs
+from . import _delegate, _pairs
 
 __all__ = ["EMAModel"]
+__getattr__, __dir__ = _delegate.delegate(__name__, "diffusers.training_utils",
+                                          "diffusers==0.42.1")
 
 
 def _deprecated(what: str) -> None:

@@ -17,8 +17,14 @@ What differs: the update is the fused ``lerp`` (torch's ``lerp_`` on CPU fuses a
 multiply-add, ours does not: each update agrees within one ulp of the operands, bit for
 bit with the pure-PyTorch fallback). An EMA on another device or dtype than the model
 works without ``allow_different_devices`` / ``coerce_dtype``. The counters are read on
-the host (ema-pytorch calls ``.item()`` on its buffers at every update). A pytree (not an
-``nn.Module``) is not supported.
+the host (ema-pytorch calls ``.item()`` on its buffers at every update).
+
+A drop-in for the package ``ema_pytorch`` (0.8.3): ``EMA`` is ours; every other public
+name of the package (``EMAPytree``, ``EMATensor``, ``EMAModuleWrapper``, ``PostHocEMA``,
+``KarrasEMA`` and its submodules) is ema-pytorch's own object, imported on first use
+(not accelerated; ``fused_ema.PostHocEMA`` is the fused post-hoc EMA, with its own API).
+As in ema-pytorch, ``EMA(pytree)`` of something that is not an ``nn.Module`` returns
+ema-pytorch's ``EMAPytree``.
 """
 from copy import deepcopy
 from typing import Callable, Optional, Set, Tuple, Union
@@ -27,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _pairs
+from . import _delegate, _pairs
 
 __all__ = ["EMA"]
+__getattr__, __dir__ = _delegate.delegate(__name__, "ema_pytorch", "ema-pytorch==0.8.3")
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -38,6 +45,12 @@ def _is_float(t: torch.Tensor) -> bool:
 
 class EMA(nn.Module):
     """ema-pytorch's ``EMA`` (see the module docstring); the same arguments."""
+
+    def __new__(cls, model=None, *args, **kwargs):
+        if model is not None and not isinstance(model, nn.Module):
+            # a pytree: ema-pytorch's EMAPytree, as ema-pytorch's EMA does (not fused)
+            return __getattr__("EMAPytree")(model, *args, **kwargs)
+        return super().__new__(cls)  # (model=None: deepcopy creates it bare)
 
     def __init__(
         self,
@@ -64,8 +77,8 @@ class EMA(nn.Module):
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError("fused_ema: the ema_pytorch drop-in takes an nn.Module (ema-pytorch's "
-                            "pytree EMA is not supported)")
+            raise TypeError(f"fused_ema: EMA takes an nn.Module or a pytree, got "
+                            f"{type(model).__name__}")
         if not isinstance(param_or_buffer_names_no_ema, (set, list)):
             raise TypeError("param_or_buffer_names_no_ema must be a set or a list of names")
         if not 0.0 <= beta <= 1.0:

@@ -14,6 +14,9 @@ and within two ulps (of the operands) for the first 8 updates of ``use_num_updat
 (decay <= 0.5, where lerp takes its other branch and both round ``s - p``). 16-bit shadows are updated in fp32 and
 rounded once (torch_ema rounds after each of its three ops). Bad input raises before
 anything is modified (torch_ema's ``load_state_dict`` asserts after assigning).
+
+A drop-in for the package ``torch_ema`` (0.3): ``ExponentialMovingAverage`` is ours; its
+other public name (the submodule ``ema``) is torch_ema's own, imported on first use.
 """
 import contextlib
 import copy
@@ -22,10 +25,11 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from . import _pairs
+from . import _delegate, _pairs
 from ..fallback import check_decay  # the one [0, 1] rule (ValueError, as torch_ema's)
 
 __all__ = ["ExponentialMovingAverage"]
+__getattr__, __dir__ = _delegate.delegate(__name__, "torch_ema", "torch-ema==0.3")
 
 
 class ExponentialMovingAverage:

@@ -22,6 +22,9 @@ it when training resumes.
   ``resume_from=''`` starts a new EMA from the resumed model instead.
 - At the end of training (``copy_at_end=True``) the EMA weights are copied into the model,
   so ``trainer.save_model()`` saves them.
+
+Not a drop-in: transformers (5.23) has no EMA of its own, so this module replaces no
+module and delegates nothing.
 """
 import os
 import warnings
