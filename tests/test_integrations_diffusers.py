@@ -178,7 +178,8 @@ def test_bad_input_changes_nothing():
     wrong = [s.clone() for s in before]
     wrong[4] = torch.zeros(5, 8, 3, 3)
     with pytest.raises(ValueError, match=r"shadow_params in the state dict\[4\] has shape "
-                                         r"\[5, 8, 3, 3\] but shadow params\[4\] has \[3, 8, 3, 3\]"):
+                                         r"\[5, 8, 3, 3\] but shadow params\[4\] has "
+                                         r"\[3, 8, 3, 3\]"):
         mine.load_state_dict(dict(sd, shadow_params=wrong))
     assert mine.decay == 0.9 and mine.optimization_step == 2
     assert all(torch.equal(a, b) for a, b in zip(mine.shadow_params, before))

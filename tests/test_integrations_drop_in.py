@@ -58,7 +58,8 @@ def test_missing_library_and_unknown_names(monkeypatch):
     for name in [k for k in sys.modules if k == "ema_pytorch" or k.startswith("ema_pytorch.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "ema_pytorch", None)  # import ema_pytorch fails
-    with pytest.raises(ImportError, match=r"PostHocEMA is ema_pytorch's own .*ema-pytorch==0\.8\.3"):
+    with pytest.raises(ImportError,
+                       match=r"PostHocEMA is ema_pytorch's own .*ema-pytorch==0\.8\.3"):
         ours.PostHocEMA
     with pytest.raises(ImportError, match="ema-pytorch==0.8.3"):
         from fused_ema.integrations.ema_pytorch import KarrasEMA  # noqa: F401

@@ -10,8 +10,8 @@ from torch import nn
 ema_pytorch = pytest.importorskip("ema_pytorch")
 
 from fused_ema.integrations import ema_pytorch as ours  # noqa: E402
-from integration_helpers import (assert_within_ulps, call_parametrized, exec_repointed,  # noqa: E402
-                                 own_test_names, sdist_file, step_scale)
+from integration_helpers import (  # noqa: E402
+    assert_within_ulps, call_parametrized, exec_repointed, own_test_names, sdist_file, step_scale)
 
 PIN = "ema-pytorch==0.8.3"
 # ema-pytorch's own tests, by file (checked against the sdist below, so none is left out)

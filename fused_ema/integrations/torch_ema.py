@@ -11,9 +11,10 @@ What differs from torch_ema 0.3: the update is ``shadow.lerp_(param, 1 - decay)`
 torch_ema computes ``shadow - (1 - decay) * (shadow - param)``, which rounds the same
 way whenever ``1 - decay < 0.5``, so results agree bit for bit at any decay above 0.5,
 and within two ulps (of the operands) for the first 8 updates of ``use_num_updates=True``
-(decay <= 0.5, where lerp takes its other branch and both round ``s - p``). 16-bit shadows are updated in fp32 and
-rounded once (torch_ema rounds after each of its three ops). Bad input raises before
-anything is modified (torch_ema's ``load_state_dict`` asserts after assigning).
+(decay <= 0.5, where lerp takes its other branch and both round ``s - p``). 16-bit
+shadows are updated in fp32 and rounded once (torch_ema rounds after each of its three
+ops). Bad input raises before anything is modified (torch_ema's ``load_state_dict``
+asserts after assigning), a NaN decay included (torch_ema's range check lets it through).
 
 A drop-in for the package ``torch_ema`` (0.3): ``ExponentialMovingAverage`` is ours; its
 other public name (the submodule ``ema``) is torch_ema's own, imported on first use.
