@@ -134,6 +134,13 @@ def test_every_public_name_of_model_ema(timm_parts):
     print(f"timm: {n} of {n} public names of timm.utils.model_ema")
 
 
+def test_every_public_name_of_timm_utils():
+    """And for timm.utils, where scripts import ModelEmaV3 from (needs torchvision)."""
+    pytest.importorskip("torchvision")  # without it timm_parts stands in for timm's package
+    n = assert_drop_in(ours, importlib.import_module("timm.utils"), ["ModelEmaV2", "ModelEmaV3"])
+    print(f"timm: {n} of {n} public names of timm.utils")
+
+
 def test_model_ema_v2_each_update_checked(timm_parts):
     """ModelEmaV2: decay at every update, from the same state as timm's V2 within 2 ulps of
     the operands (timm computes decay * e + (1 - decay) * m: three roundings); integer

@@ -32,7 +32,7 @@ import torch
 from . import _delegate, _pairs
 
 __all__ = ["EMAModel"]
-__getattr__, __dir__ = _delegate.delegate(__name__, "diffusers.training_utils",
+__getattr__, __dir__ = _delegate.delegate(__name__, ["diffusers.training_utils"],
                                           "diffusers==0.42.1")
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from . import _delegate, _pairs
 
 __all__ = ["EMA"]
-__getattr__, __dir__ = _delegate.delegate(__name__, "ema_pytorch", "ema-pytorch==0.8.3")
+__getattr__, __dir__ = _delegate.delegate(__name__, ["ema_pytorch"], "ema-pytorch==0.8.3")
 
 
 def _is_float(t: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ import torch
 from . import _delegate, _pairs
 
 __all__ = ["polyak_update", "patch", "unpatch"]
-__getattr__, __dir__ = _delegate.delegate(__name__, "stable_baselines3.common.utils",
+__getattr__, __dir__ = _delegate.delegate(__name__, ["stable_baselines3.common.utils"],
                                           "stable-baselines3==2.9.2")
 
 

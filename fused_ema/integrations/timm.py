@@ -26,9 +26,11 @@ buffers are copied (timm's V2 averages them in float and truncates the result ba
 an EMA wider than the model (float64 of float32) is updated in its own dtype (timm's V2
 rounds ``(1 - decay) * model`` in the model's).
 
-A drop-in for the module ``timm.utils.model_ema`` (1.0.31): ``ModelEmaV2`` and
-``ModelEmaV3`` are ours; every other public name of that module (the deprecated
-``ModelEma`` ...) is timm's own object, imported on first use.
+A drop-in for the modules ``timm.utils.model_ema`` (1.0.31), where the EMA classes are
+defined, and ``timm.utils``, where training scripts import them from: ``ModelEmaV2`` and
+``ModelEmaV3`` are ours; every other public name of those modules (the deprecated
+``ModelEma``, ``CheckpointSaver``, ``AverageMeter`` ...) is timm's own object, imported on
+first use.
 """
 from copy import deepcopy
 from typing import List, Optional
@@ -40,7 +42,8 @@ from . import _delegate, _pairs
 from ..functional import ema_update_
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
-__getattr__, __dir__ = _delegate.delegate(__name__, "timm.utils.model_ema", "timm==1.0.31")
+__getattr__, __dir__ = _delegate.delegate(__name__, ["timm.utils.model_ema", "timm.utils"],
+                                          "timm==1.0.31")
 
 
 @torch.no_grad()

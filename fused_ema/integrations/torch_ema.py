@@ -30,7 +30,7 @@ from . import _delegate, _pairs
 from ..fallback import check_decay  # the one [0, 1] rule (ValueError, as torch_ema's)
 
 __all__ = ["ExponentialMovingAverage"]
-__getattr__, __dir__ = _delegate.delegate(__name__, "torch_ema", "torch-ema==0.3")
+__getattr__, __dir__ = _delegate.delegate(__name__, ["torch_ema"], "torch-ema==0.3")
 
 
 class ExponentialMovingAverage:
