@@ -170,5 +170,16 @@ def test_bad_input_changes_nothing():
                        ({"shadow_params": (1, 2)}, "list")):
         with pytest.raises(ValueError, match=match):
             mine.load_state_dict(dict(mine.state_dict(), **bad))
+    # shadow_params of another model: too few, or one of another shape (with other keys
+    # that would otherwise be loaded)
+    sd = dict(mine.state_dict(), decay=0.5, optimization_step=7)
+    with pytest.raises(ValueError, match=r"got 3 shadow_params in the state dict for 6 "):
+        mine.load_state_dict(dict(sd, shadow_params=[s.clone() for s in before[:3]]))
+    wrong = [s.clone() for s in before]
+    wrong[4] = torch.zeros(5, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"shadow_params in the state dict\[4\] has shape "
+                                         r"\[5, 8, 3, 3\] but shadow params\[4\] has "
+                                         r"\[3, 8, 3, 3\]"):
+        mine.load_state_dict(dict(sd, shadow_params=wrong))
     assert mine.decay == 0.9 and mine.optimization_step == 2
     assert all(torch.equal(a, b) for a, b in zip(mine.shadow_params, before))

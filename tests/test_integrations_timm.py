@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from fused_ema.integrations import timm as ours
-from integration_helpers import assert_within_ulps, load_functions, sdist_file, step_scale
+from integration_helpers import (assert_drop_in, assert_within_ulps, load_functions,
+                                 sdist_file, step_scale)
 
 _spec = importlib.util.find_spec("timm")
 if _spec is None:
@@ -123,6 +124,48 @@ def test_same_run_each_update_checked(settings, timm_parts, engine):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
         else:
             assert torch.equal(a, b), k
+
+
+def test_every_public_name_of_model_ema(timm_parts):
+    """A drop-in for timm.utils.model_ema: ModelEmaV2/V3 ours, the rest timm's (ModelEma)."""
+    model_ema, _, _ = timm_parts
+    n = assert_drop_in(ours, model_ema, ["ModelEmaV2", "ModelEmaV3"])
+    assert ours.ModelEma is model_ema.ModelEma
+    print(f"timm: {n} of {n} public names of timm.utils.model_ema")
+
+
+def test_every_public_name_of_timm_utils():
+    """And for timm.utils, where scripts import ModelEmaV3 from (needs torchvision)."""
+    pytest.importorskip("torchvision")  # without it timm_parts stands in for timm's package
+    n = assert_drop_in(ours, importlib.import_module("timm.utils"), ["ModelEmaV2", "ModelEmaV3"])
+    print(f"timm: {n} of {n} public names of timm.utils")
+
+
+def test_model_ema_v2_each_update_checked(timm_parts):
+    """ModelEmaV2: decay at every update, from the same state as timm's V2 within 2 ulps of
+    the operands (timm computes decay * e + (1 - decay) * m: three roundings); integer
+    buffers copied (timm's truncates its float average: checked apart)."""
+    model_ema, _, _ = timm_parts
+    model = _model()
+    mine = ours.ModelEmaV2(model, decay=0.9)
+    theirs = model_ema.ModelEmaV2(model, decay=0.9)
+    for step, _ in enumerate(_train(model, 12)):
+        theirs.module.load_state_dict(mine.module.state_dict())
+        old = [v.clone() for v in mine.module.state_dict().values()]
+        scales = step_scale([o.double() for o in old], list(model.state_dict().values()))
+        mine.update(model)
+        theirs.update(model)
+        for (k, a), b, m, s in zip(mine.module.state_dict().items(),
+                                   theirs.module.state_dict().values(),
+                                   model.state_dict().values(), scales):
+            if a.is_floating_point():
+                assert_within_ulps(a, b, 2.0, f"step {step} {k}", s)
+            else:
+                assert torch.equal(a, m), k  # copied
+    mine.set(model)
+    for a, b in zip(mine.module.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert mine.decay == 0.9 and not mine.module.training
 
 
 def test_set_forward_and_step_none(timm_parts):

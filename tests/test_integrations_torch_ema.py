@@ -195,8 +195,9 @@ def test_bad_input_changes_nothing():
     params = list(model.parameters())
     mine = ours.ExponentialMovingAverage(params, decay=0.9)
     before = [s.clone() for s in mine.shadow_params]
-    with pytest.raises(ValueError, match="Decay"):
-        ours.ExponentialMovingAverage(params, decay=1.5)
+    for decay in (1.5, -0.1, float("nan")):  # torch_ema raises ValueError out of [0, 1]
+        with pytest.raises(ValueError, match="[Dd]ecay"):
+            ours.ExponentialMovingAverage(params, decay=decay)
     with pytest.raises(ValueError, match="Number of parameters"):
         mine.update(params[:-1])
     wrong = [p.detach().clone() for p in params]
@@ -208,11 +209,13 @@ def test_bad_input_changes_nothing():
     bad = dict(sd, shadow_params=sd["shadow_params"][:-1])
     with pytest.raises(ValueError, match="wrong number"):
         mine.load_state_dict(bad)
+    with pytest.raises(ValueError, match="[Dd]ecay"):
+        mine.load_state_dict(dict(sd, decay=float("nan")))
     bad = dict(sd, num_updates="3")
     with pytest.raises(ValueError, match="num_updates"):
         mine.load_state_dict(bad)
     assert all(torch.equal(a, b) for a, b in zip(mine.shadow_params, before))
-    assert mine.num_updates == 0
+    assert mine.num_updates == 0 and mine.decay == 0.9
 
 
 def test_parameters_garbage_collected():

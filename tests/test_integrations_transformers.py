@@ -114,9 +114,22 @@ def test_checkpoint_resume_and_copy_at_end(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_resume_without_ema_file_is_an_error(tmp_path):
-    trainer, _ = _trainer(tmp_path, [], max_steps=6)
+def test_resume_without_ema_file_is_an_error_unless_asked_for_a_new_ema(tmp_path):
+    """No EMA in the checkpoint: an error that says to pass resume_from='', and that
+    advice works: a new EMA starts from the resumed model and averages steps 7..12."""
+    trainer, first = _trainer(tmp_path, [], max_steps=6)
     trainer.train()
+    start = [p.detach().double().clone() for p in first.parameters()]  # = checkpoint-6
     trainer, _ = _trainer(tmp_path, [EMACallback(decay=0.9)])
-    with pytest.raises(FileNotFoundError, match=FILENAME):
+    with pytest.raises(FileNotFoundError, match=f"{FILENAME}.*resume_from=''"):
         trainer.train(resume_from_checkpoint=True)
+    traj = Trajectory()
+    cb = EMACallback(decay=0.9, resume_from="", copy_at_end=False)
+    trainer, _ = _trainer(tmp_path, [traj, cb])
+    trainer.train(resume_from_checkpoint=True)
+    assert cb.ema.step == 6 == len(traj.steps)
+    ref = start
+    for step in traj.steps:
+        ref = [r * 0.9 + 0.1 * p for r, p in zip(ref, step)]
+    for e, r in zip(cb.ema.parameters(), ref):
+        torch.testing.assert_close(e.double(), r, rtol=1e-6, atol=1e-7)

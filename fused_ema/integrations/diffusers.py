@@ -17,6 +17,11 @@ Parameters with ``requires_grad=False`` are copied, as in diffusers. Shadows on 
 device than the parameters (offload) are updated without calling ``to()`` first.
 DeepSpeed ZeRO-3 gathering is not done (diffusers gathers each parameter when ZeRO-3 is
 enabled): averaging ZeRO-3 shards needs the EMA sharded like them.
+
+A drop-in for the module ``diffusers.training_utils`` (0.42.1), where training scripts
+import ``EMAModel`` from: ``EMAModel`` is ours; every other public name of that module
+(``compute_snr``, ``cast_training_params``, ``free_memory`` ...) is diffusers' own object,
+imported on first use.
 """
 import copy
 import warnings
@@ -24,9 +29,11 @@ from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from . import _pairs
+from . import _delegate, _pairs
 
 __all__ = ["EMAModel"]
+__getattr__, __dir__ = _delegate.delegate(__name__, ["diffusers.training_utils"],
+                                          "diffusers==0.42.1")
 
 
 def _deprecated(what: str) -> None:
@@ -192,7 +199,8 @@ class EMAModel:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a ``state_dict()`` (this class's or diffusers'); missing keys keep their
-        value. Everything is checked before anything is assigned."""
+        value. Everything is checked before anything is assigned, ``shadow_params`` against
+        the current ones (as many, of the same shapes)."""
         state_dict = copy.deepcopy(state_dict)
         new = {k: state_dict.get(k, getattr(self, k)) for k in
                ("decay", "min_decay", "optimization_step", "update_after_step",
@@ -211,6 +219,9 @@ class EMAModel:
                 raise ValueError("shadow_params must be a list")
             if not all(isinstance(p, torch.Tensor) for p in shadow):
                 raise ValueError("shadow_params must all be Tensors")
+            # an EMA of another model would be swapped in silently and fail at the next step
+            _pairs.check_pairs(self.shadow_params, shadow, "shadow params",
+                               "shadow_params in the state dict")
         for key, value in new.items():
             setattr(self, key, value)
         if shadow is not None:

@@ -17,8 +17,14 @@ What differs: the update is the fused ``lerp`` (torch's ``lerp_`` on CPU fuses a
 multiply-add, ours does not: each update agrees within one ulp of the operands, bit for
 bit with the pure-PyTorch fallback). An EMA on another device or dtype than the model
 works without ``allow_different_devices`` / ``coerce_dtype``. The counters are read on
-the host (ema-pytorch calls ``.item()`` on its buffers at every update). A pytree (not an
-``nn.Module``) is not supported.
+the host (ema-pytorch calls ``.item()`` on its buffers at every update).
+
+A drop-in for the package ``ema_pytorch`` (0.8.3): ``EMA`` is ours; every other public
+name of the package (``EMAPytree``, ``EMATensor``, ``EMAModuleWrapper``, ``PostHocEMA``,
+``KarrasEMA`` and its submodules) is ema-pytorch's own object, imported on first use
+(not accelerated; ``fused_ema.PostHocEMA`` is the fused post-hoc EMA, with its own API).
+As in ema-pytorch, ``EMA(pytree)`` of something that is not an ``nn.Module`` returns
+ema-pytorch's ``EMAPytree``.
 """
 from copy import deepcopy
 from typing import Callable, Optional, Set, Tuple, Union
@@ -27,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _pairs
+from . import _delegate, _pairs
 
 __all__ = ["EMA"]
+__getattr__, __dir__ = _delegate.delegate(__name__, ["ema_pytorch"], "ema-pytorch==0.8.3")
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -38,6 +45,12 @@ def _is_float(t: torch.Tensor) -> bool:
 
 class EMA(nn.Module):
     """ema-pytorch's ``EMA`` (see the module docstring); the same arguments."""
+
+    def __new__(cls, model=None, *args, **kwargs):
+        if model is not None and not isinstance(model, nn.Module):
+            # a pytree: ema-pytorch's EMAPytree, as ema-pytorch's EMA does (not fused)
+            return __getattr__("EMAPytree")(model, *args, **kwargs)
+        return super().__new__(cls)  # (model=None: deepcopy creates it bare)
 
     def __init__(
         self,
@@ -64,8 +77,8 @@ class EMA(nn.Module):
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError("fused_ema: the ema_pytorch drop-in takes an nn.Module (ema-pytorch's "
-                            "pytree EMA is not supported)")
+            raise TypeError(f"fused_ema: EMA takes an nn.Module or a pytree, got "
+                            f"{type(model).__name__}")
         if not isinstance(param_or_buffer_names_no_ema, (set, list)):
             raise TypeError("param_or_buffer_names_no_ema must be a set or a list of names")
         if not 0.0 <= beta <= 1.0:
@@ -199,7 +212,10 @@ class EMA(nn.Module):
         beta=0.999 gives float32(0.999) = 0.99900001287...). The pow runs as the same
         0-d float32 torch ops; the integer step and the clamp are done on the host, where
         they give the same values."""
-        epoch = max(self._host_step - self.update_after_step - 1, 0)
+        return self._decay_at(self._host_step)
+
+    def _decay_at(self, step: int) -> float:
+        epoch = max(step - self.update_after_step - 1, 0)
         if epoch <= 0:
             return 0.0
         top = float(np.float32(self.beta))
@@ -214,25 +230,26 @@ class EMA(nn.Module):
         return min(max(value, float(np.float32(self.min_value))), top)
 
     def update(self) -> None:
+        """ema-pytorch's update; the counters advance after the tensors were written (a
+        model that no longer matches the EMA raises and leaves them as they were)."""
         step = self._host_step
-        self._host_step = step + 1
-        self.step += 1
+        should_update = step % self.update_every == 0
         if not self._host_initted:
             if self.ema_model is None:
                 self.init_ema()
             self.copy_params_from_model_to_ema()
             self.initted.data.copy_(torch.tensor(True))
             self._host_initted = True
-            return
-        should_update = step % self.update_every == 0
-        if should_update and step <= self.update_after_step:
+        elif should_update and step <= self.update_after_step:
             self.copy_params_from_model_to_ema()
-            return
-        if should_update:
-            self.update_moving_average(self.ema_model, self.model)
-        if (self.update_model_with_ema_every is not None
-                and step % self.update_model_with_ema_every == 0):
-            self.update_model_with_ema()
+        else:
+            if should_update:  # the decay of the step this update completes
+                self.update_moving_average(self.ema_model, self.model, self._decay_at(step + 1))
+            if (self.update_model_with_ema_every is not None
+                    and step % self.update_model_with_ema_every == 0):
+                self.update_model_with_ema()
+        self._host_step = step + 1
+        self.step += 1
 
     def _skipped(self, name: str) -> bool:
         return name in self.ignore_names or any(

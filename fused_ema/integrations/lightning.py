@@ -20,15 +20,25 @@ more: within one ulp of the operands per update). Integer buffers (BatchNorm's
 ``on_fit_start``, after the strategy has moved and sharded the model, so a model sharded
 with FSDP2 (``ModelParallelStrategy``, ``configure_model``) gets an EMA of its local
 shards (Lightning's callback warns and keeps a full unsharded copy).
+
+A drop-in for the modules ``lightning.pytorch.callbacks.weight_averaging`` (2.6.6), where
+``EMAWeightAveraging`` is defined, and ``lightning.pytorch.callbacks``, where users import
+it from: ``EMAWeightAveraging`` is ours; every other public name of those modules
+(``WeightAveraging``, ``get_ema_avg_fn``, ``ModelCheckpoint`` ...) is Lightning's own
+object, imported on first use.
 """
 from contextlib import ExitStack
 from typing import Any, Dict, Optional, Union
 
 import torch
 
+from . import _delegate
 from ..ema import FusedEMA
 
 __all__ = ["EMAWeightAveraging"]
+__getattr__, __dir__ = _delegate.delegate(
+    __name__, ["lightning.pytorch.callbacks.weight_averaging", "lightning.pytorch.callbacks"],
+    "lightning==2.6.6")
 
 
 try:  # subclass Lightning's Callback when Lightning is installed (the Trainer checks it)

@@ -11,15 +11,22 @@ element): results agree within one float32 ulp per update; ``tau=1`` (DQN's hard
 the BatchNorm statistics) and ``tau=0`` agree bit for bit. A ``tau`` outside [0, 1], a
 length mismatch, a shape mismatch or a non-float tensor raises before anything is written
 (SB3 raises the length mismatch from ``zip(strict=True)`` after updating the first tensors).
+
+A drop-in for the module ``stable_baselines3.common.utils`` (2.9.2), where
+``polyak_update`` lives: ``polyak_update`` is ours (and ``patch``/``unpatch``); every other
+public name of that module (``get_device``, ``set_random_seed`` ...) is SB3's own object,
+imported on first use.
 """
 import sys
 from typing import Iterable, List, Optional
 
 import torch
 
-from . import _pairs
+from . import _delegate, _pairs
 
 __all__ = ["polyak_update", "patch", "unpatch"]
+__getattr__, __dir__ = _delegate.delegate(__name__, ["stable_baselines3.common.utils"],
+                                          "stable-baselines3==2.9.2")
 
 
 def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor],

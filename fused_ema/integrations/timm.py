@@ -1,5 +1,5 @@
-"""timm: ``ModelEmaV3`` with timm's constructor, ``update(model, step)``, ``set()``,
-``.module`` and checkpoints, the averaging fused into one call for all tensors.
+"""timm: ``ModelEmaV3`` (and ``ModelEmaV2``) with timm's constructor, ``update(model, step)``,
+``set()``, ``.module`` and checkpoints, the averaging fused into one call for all tensors.
 
 >>> from fused_ema.integrations.timm import ModelEmaV3
 >>> model_ema = ModelEmaV3(model, decay=0.9998, use_warmup=True)
@@ -19,6 +19,18 @@ stochastically rounded with the same seeded private generator scheme, but not th
 random stream as timm's: equal in distribution, not bit for bit. ``foreach`` is
 accepted and changes nothing (the update is always fused, also for an EMA on another
 device).
+
+``ModelEmaV2(model, decay, device)`` is ``ModelEmaV3`` without a schedule: ``decay`` at
+every ``update(model)``, no stochastic rounding. What differs from timm's V2: integer
+buffers are copied (timm's V2 averages them in float and truncates the result back), and
+an EMA wider than the model (float64 of float32) is updated in its own dtype (timm's V2
+rounds ``(1 - decay) * model`` in the model's).
+
+A drop-in for the modules ``timm.utils.model_ema`` (1.0.31), where the EMA classes are
+defined, and ``timm.utils``, where training scripts import them from: ``ModelEmaV2`` and
+``ModelEmaV3`` are ours; every other public name of those modules (the deprecated
+``ModelEma``, ``CheckpointSaver``, ``AverageMeter`` ...) is timm's own object, imported on
+first use.
 """
 from copy import deepcopy
 from typing import List, Optional
@@ -26,10 +38,12 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from . import _pairs
+from . import _delegate, _pairs
 from ..functional import ema_update_
 
-__all__ = ["ModelEmaV3"]
+__all__ = ["ModelEmaV2", "ModelEmaV3"]
+__getattr__, __dir__ = _delegate.delegate(__name__, ["timm.utils.model_ema", "timm.utils"],
+                                          "timm==1.0.31")
 
 
 @torch.no_grad()
@@ -160,3 +174,15 @@ class ModelEmaV3(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+
+class ModelEmaV2(ModelEmaV3):
+    """timm's ``ModelEmaV2`` (see the module docstring): every ``state_dict`` entry
+    averaged with ``decay`` at every ``update(model)``; the EMA on ``device`` if given."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999,
+                 device: Optional[torch.device] = None):
+        super().__init__(model, decay=decay, device=device, stochastic_rounding=False)
+
+    def update(self, model: nn.Module) -> None:
+        super().update(model)

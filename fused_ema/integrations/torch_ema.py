@@ -11,9 +11,13 @@ What differs from torch_ema 0.3: the update is ``shadow.lerp_(param, 1 - decay)`
 torch_ema computes ``shadow - (1 - decay) * (shadow - param)``, which rounds the same
 way whenever ``1 - decay < 0.5``, so results agree bit for bit at any decay above 0.5,
 and within two ulps (of the operands) for the first 8 updates of ``use_num_updates=True``
-(decay <= 0.5, where lerp takes its other branch and both round ``s - p``). 16-bit shadows are updated in fp32 and
-rounded once (torch_ema rounds after each of its three ops). Bad input raises before
-anything is modified (torch_ema's ``load_state_dict`` asserts after assigning).
+(decay <= 0.5, where lerp takes its other branch and both round ``s - p``). 16-bit
+shadows are updated in fp32 and rounded once (torch_ema rounds after each of its three
+ops). Bad input raises before anything is modified (torch_ema's ``load_state_dict``
+asserts after assigning), a NaN decay included (torch_ema's range check lets it through).
+
+A drop-in for the package ``torch_ema`` (0.3): ``ExponentialMovingAverage`` is ours; its
+other public name (the submodule ``ema``) is torch_ema's own, imported on first use.
 """
 import contextlib
 import copy
@@ -22,9 +26,11 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from . import _pairs
+from . import _delegate, _pairs
+from ..fallback import check_decay  # the one [0, 1] rule (ValueError, as torch_ema's)
 
 __all__ = ["ExponentialMovingAverage"]
+__getattr__, __dir__ = _delegate.delegate(__name__, ["torch_ema"], "torch-ema==0.3")
 
 
 class ExponentialMovingAverage:
@@ -39,9 +45,7 @@ class ExponentialMovingAverage:
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float,
                  use_num_updates: bool = True):
-        if decay < 0.0 or decay > 1.0:
-            raise ValueError("Decay must be between 0 and 1")
-        self.decay = decay
+        self.decay = check_decay(decay)  # NaN too (torch_ema's own check lets it through)
         self.num_updates = 0 if use_num_updates else None
         parameters = list(parameters)
         self.shadow_params = [p.clone().detach() for p in parameters]
@@ -127,9 +131,7 @@ class ExponentialMovingAverage:
         """Loads a ``state_dict()`` of this class or of torch_ema's; everything is checked
         before anything is assigned."""
         state_dict = copy.deepcopy(state_dict)
-        decay = state_dict["decay"]
-        if decay < 0.0 or decay > 1.0:
-            raise ValueError("Decay must be between 0 and 1")
+        decay = check_decay(state_dict["decay"])
         num_updates = state_dict["num_updates"]
         if not (num_updates is None or (isinstance(num_updates, int)
                                         and not isinstance(num_updates, bool))):

@@ -18,9 +18,13 @@ it when training resumes.
 - Resume: at ``on_train_begin`` with ``global_step > 0`` the EMA is loaded from
   ``<output_dir>/checkpoint-<global_step>/fused_ema.pt`` (where ``resume_from_checkpoint``
   points when it is ``True`` or a checkpoint of ``output_dir``), or from the directory given
-  as ``resume_from=``; a missing file is an error (the EMA would silently restart).
+  as ``resume_from=``; a missing file is an error (the EMA would silently restart), and
+  ``resume_from=''`` starts a new EMA from the resumed model instead.
 - At the end of training (``copy_at_end=True``) the EMA weights are copied into the model,
   so ``trainer.save_model()`` saves them.
+
+Not a drop-in: transformers (5.23) has no EMA of its own, so this module replaces no
+module and delegates nothing.
 """
 import os
 import warnings
@@ -47,7 +51,7 @@ class EMACallback(_Callback):
     ``evaluate_with_ema``: evaluate with the EMA weights during training.
     ``copy_at_end``: copy the EMA into the model when training ends.
     ``resume_from``: a checkpoint directory to load the EMA from (default: found from the
-    resumed ``global_step``)."""
+    resumed ``global_step``; ``''``: start a new EMA from the resumed model)."""
 
     def __init__(self, decay=0.999, *, update_after_step: int = 0, update_every: int = 1,
                  ema_dtype: Optional[torch.dtype] = None, buffers: str = "copy",
@@ -67,9 +71,10 @@ class EMACallback(_Callback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.ema is None:
             self.ema = FusedEMA(model, **self._kwargs)
-        if state.global_step > 0:  # resuming
-            folder = self.resume_from or os.path.join(args.output_dir,
-                                                      f"checkpoint-{state.global_step}")
+        if state.global_step > 0 and self.resume_from != "":  # resuming ('': a new EMA)
+            folder = self.resume_from
+            if folder is None:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, FILENAME)
             if not os.path.exists(path):
                 raise FileNotFoundError(
