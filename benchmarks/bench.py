@@ -6,7 +6,7 @@ memory-bandwidth limit measured beside them in the same run.
     python benchmarks/bench.py --models gpt2_small --dtypes fp32,bf16 --decays 1,2
     python benchmarks/bench.py --large              # adds TinyLlama-1.1B (about 4.4 GB per copy)
     python benchmarks/bench.py --device cuda        # device time, host time, launches, CUDA graph
-    python benchmarks/bench.py --update-readme      # also rewrites the README's results block
+    python benchmarks/bench.py --update-readme      # also docs/benchmarks.md, README summary
     python benchmarks/bench.py --host-cost          # only the per-step host cost (about 30 s)
 
 Every method first runs two updates from a known start and is checked against a
@@ -17,6 +17,7 @@ at the end are ratios of medians from this same run.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ import models  # noqa: E402
 # (the tests reach the parts through this module too)
 from report import (INFO, README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
                     case_title, compute_targets, footnotes, format_table, machine_line,
-                    render_markdown, target_rows, update_readme, write_csv, write_png)
+                    render_markdown, render_summary, RESULTS_PAGE, target_rows, update_readme,
+                    write_csv, write_png)
 from runner import (CHECK_TOL, Budget, _cpu_counters, _loadavg, case_weight,  # noqa: E402,F401
                     choose_rounds, load_warning, machine_info, other_load, run_case)
 
@@ -103,8 +105,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", action="store_true",
-                   help="rewrite the README block between the BENCHMARK_RESULTS markers")
+                   help="rewrite the blocks between the BENCHMARK_RESULTS markers: the full "
+                   "tables in docs/benchmarks.md, their summary in README.md")
     p.add_argument("--readme", default=str(REPO / "README.md"), help=argparse.SUPPRESS)
+    p.add_argument("--results-page", default=str(RESULTS_PAGE), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -252,8 +256,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     paths["md"].write_text(block)
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
     if args.update_readme:
-        if update_readme(Path(args.readme), block, tag):
-            print(f"README results block updated: {args.readme}")
+        readme, page = Path(args.readme), Path(args.results_page)
+        png = paths.get("png")  # links relative to the file that shows them
+        png_rel = png and Path(os.path.relpath(png, page.parent)).as_posix()
+        page_rel = Path(os.path.relpath(page, readme.parent)).as_posix()
+        if (update_readme(page, render_markdown(result, png_rel), tag)
+                and update_readme(readme, render_summary(result, page_rel), tag)):
+            print(f"results updated: {page}, summary in {readme}")
     else:
         print(f"README block: {paths['md']} (or rerun with --update-readme)")
     return result

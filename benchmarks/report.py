@@ -1,5 +1,6 @@
 """The reporting side of the benchmark: the targets (ratios of medians from one run),
-the console and markdown tables, the JSON/CSV/PNG files and the README block."""
+the console and markdown tables, the JSON/CSV/PNG files, the results page (docs/benchmarks.md)
+and the README's summary of it."""
 import csv
 import math
 import sys
@@ -15,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 README_BEGIN = "<!-- BENCHMARK_RESULTS:BEGIN (written by benchmarks/bench.py --update-readme) -->"
 README_END = "<!-- BENCHMARK_RESULTS:END -->"
+RESULTS_PAGE = REPO / "docs" / "benchmarks.md"  # the full tables, between the same markers
 
 
 # --------------------------------------------------------------------------------------
@@ -282,6 +284,36 @@ def render_markdown(result: dict, png_rel: Optional[str]) -> str:
             lines += [" ".join(footnotes(c)), ""]
     if png_rel:
         lines += [f"![time per method per model]({png_rel})", ""]
+    return "\n".join(lines)
+
+
+def render_summary(result: dict, page: str) -> str:
+    """The README's block: one row per case (FusedEMA.update against the per-tensor loop,
+    ``_foreach_lerp_`` and the bandwidth reference), the targets counted; ``page`` links
+    to the full tables."""
+    meta = result["meta"]
+    rows = [["case", "tensors", "FusedEMA.update ms", "vs naive loop", "vs _foreach_lerp_",
+             "% of bandwidth ref"]]
+    for c in result["cases"]:
+        r = next((r for r in c["rows"] if r["method"] == "fused_ema" and "median_s" in r), None)
+        if r is None:
+            continue
+        rows.append([f"{c['model_label']} · {c['kind_label']} · {c['device']}", str(c["tensors"]),
+                     _ms(r["median_s"]), _x(r.get("speedup_vs_naive")),
+                     _x(r.get("speedup_vs_foreach_lerp")), _pct(r.get("share_of_reference"))])
+    goals = [t for t in result["targets"] if t["goal"] != "(info)"]
+    met = sum(t["met"] is True for t in goals)
+    missed = sum(t["met"] is False for t in goals)
+    lines = [f"Measured {meta['date']} on: {machine_line(meta)}. Command: `{result['command']}`.",
+             ""]
+    if load_warning(meta):
+        lines += [f"> **Warning:** {load_warning(meta)}.", ""]
+    lines += [markdown_table(rows, left=2), "",
+              f"Targets: {met} met, {missed} missed, {len(goals) - met - missed} not run, of "
+              f"{len(goals)}. Speedups are ratios of medians from the same run (above 1x: "
+              "FusedEMA is faster); % of bandwidth ref is FusedEMA's GB/s as a share of a flat "
+              f"`a.add_(b)` over as many bytes. Every method, the targets and the chart: [{page}]"
+              f"({page}).", ""]
     return "\n".join(lines)
 
 

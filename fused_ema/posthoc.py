@@ -82,8 +82,9 @@ class PostHocEMA:
     Args:
         model: the ``nn.Module`` to average (DDP / ``torch.compile`` wrappers and FSDP2
             shards as in ``FusedEMA``).
-        sigma_rels / gammas: the tracked profiles (2 to 8, distinct), by relative width or
-            by exponent; exactly one of the two.
+        sigma_rels: the tracked profiles (2 to 8, distinct) by relative width; exactly one
+            of ``sigma_rels`` and ``gammas``.
+        gammas: the tracked profiles by exponent instead.
         snapshot_every: a snapshot after every this many updates.
         directory: where the snapshots go (created if needed).
         snapshot_dtype: float32 (default: exact copies of fp32 EMAs), float64, or a 16-bit
@@ -94,7 +95,11 @@ class PostHocEMA:
         max_profile_error: ``synthesize`` refuses a target whose profile the snapshots match
             with a larger relative L2 error (a sigma_rel far outside the tracked ones, or too
             few snapshots): raise it to accept rougher fits.
-        ema_dtype, buffers, exclude, capturable, device: as in ``FusedEMA``.
+        ema_dtype: as in ``FusedEMA``.
+        buffers: as in ``FusedEMA``.
+        exclude: as in ``FusedEMA``.
+        capturable: as in ``FusedEMA``.
+        device: as in ``FusedEMA``.
 
     Training waits for the disk only when a snapshot comes before the previous one is
     written. ``state_dict()`` (put it in the training checkpoint) holds the live profiles

@@ -15,6 +15,7 @@ import bench  # noqa: E402
 import cases as C  # noqa: E402
 import methods as M  # noqa: E402
 import models  # noqa: E402
+import report  # noqa: E402
 
 # Methods that cannot run a case, and why that is expected.
 EXPECTED_UNSUPPORTED = {
@@ -164,6 +165,29 @@ def test_update_readme_rewrites_only_its_block(tmp_path):
     other.write_text("no markers\n")
     assert not bench.update_readme(other, "x", "t")
     assert other.read_text() == "no markers\n"
+
+
+def test_update_readme_writes_the_tables_to_the_page_and_their_summary_to_the_readme(tmp_path):
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    for f in (readme, page):
+        f.write_text(f"head\n{bench.README_BEGIN}\nold\n{bench.README_END}\ntail\n")
+    result = bench.main(["--models", "tiny", "--dtypes", "fp32,bf16", "--decays", "1",
+                         "--device", "cpu", "--min-run-time", "0.01", "--rounds", "1",
+                         "--out-dir", str(tmp_path / "out"), "--tag", "t", "--no-progress",
+                         "--update-readme", "--readme", str(readme), "--results-page", str(page)])
+    full, summary = page.read_text(), readme.read_text()
+    for text in (full, summary):
+        assert text.startswith(f"head\n{bench.README_BEGIN}\n") and "old" not in text
+        assert text.endswith(f"{bench.README_END}\ntail\n")
+    assert "| method |" in full and "](../out/t.png)" in full  # links from the page's folder
+    # The summary: one row per case, FusedEMA.update's, and a link to the page.
+    assert "| method |" not in summary and "[docs/benchmarks.md](docs/benchmarks.md)" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == len(result["cases"]) == 2
+    for row, case in zip(rows, result["cases"]):
+        fused = next(r for r in case["rows"] if r["method"] == "fused_ema")
+        assert row.split(" | ")[2] == report._ms(fused["median_s"])
 
 
 def test_the_time_budget_cuts_slow_rounds_first():
