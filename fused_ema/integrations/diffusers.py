@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 import torch
 
 from . import _delegate, _pairs
+from ..validation import check_unit
 
 __all__ = ["EMAModel"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["diffusers.training_utils"],
@@ -67,8 +68,7 @@ class EMAModel:
         if kwargs.get("min_value") is not None:
             _deprecated("The `min_value` argument")
             min_decay = kwargs["min_value"]
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError("Decay must be between 0 and 1")
+        check_unit("decay", decay)
         parameters = list(parameters)
         self.shadow_params = [p.clone().detach() for p in parameters]
         if kwargs.get("device") is not None:
@@ -205,8 +205,7 @@ class EMAModel:
         new = {k: state_dict.get(k, getattr(self, k)) for k in
                ("decay", "min_decay", "optimization_step", "update_after_step",
                 "use_ema_warmup", "inv_gamma", "power")}
-        if not 0.0 <= new["decay"] <= 1.0:
-            raise ValueError("Decay must be between 0 and 1")
+        check_unit("decay", new["decay"])
         checks = (("min_decay", float), ("optimization_step", int),
                   ("update_after_step", int), ("use_ema_warmup", bool),
                   ("inv_gamma", (float, int)), ("power", (float, int)))

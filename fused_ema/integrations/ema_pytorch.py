@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import _delegate, _pairs
+from ..validation import check_unit
 
 __all__ = ["EMA"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["ema_pytorch"], "ema-pytorch==0.8.3")
@@ -81,8 +82,7 @@ class EMA(nn.Module):
                             f"{type(model).__name__}")
         if not isinstance(param_or_buffer_names_no_ema, (set, list)):
             raise TypeError("param_or_buffer_names_no_ema must be a set or a list of names")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"fused_ema: beta must be in [0, 1], got {beta}")
+        check_unit("beta", beta)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"fused_ema: update_every must be a positive integer, "
                              f"got {update_every!r}")

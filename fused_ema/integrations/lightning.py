@@ -34,6 +34,7 @@ import torch
 
 from . import _delegate
 from ..ema import FusedEMA
+from ..validation import check_unit
 
 __all__ = ["EMAWeightAveraging"]
 __getattr__, __dir__ = _delegate.delegate(
@@ -63,9 +64,7 @@ class EMAWeightAveraging(_Callback):
         update_starting_at_step: Optional[int] = None,
         update_starting_at_epoch: Optional[int] = None,
     ):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in "
-                             "[0,1] range.")
+        check_unit("decay", decay)
         self._device = torch.device(device) if isinstance(device, str) else device
         self._use_buffers = use_buffers
         self.decay = decay

@@ -23,6 +23,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from . import _delegate, _pairs
+from ..validation import check_unit
 
 __all__ = ["polyak_update", "patch", "unpatch"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["stable_baselines3.common.utils"],
@@ -36,9 +37,7 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
     params, target_params = list(params), list(target_params)
     if isinstance(tau, torch.Tensor):
         tau = tau.item()
-    tau = float(tau)
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"fused_ema: tau must be in [0, 1], got {tau}")
+    tau = check_unit("tau", tau)
     if tau == 1.0:  # a hard update: an exact copy, whatever the dtypes (SB3 gives the same)
         _pairs.copy_(target_params, params, "target_params", "params")
         return

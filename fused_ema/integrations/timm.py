@@ -40,6 +40,7 @@ from torch import nn
 
 from . import _delegate, _pairs
 from ..functional import ema_update_
+from ..validation import check_unit
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["timm.utils.model_ema", "timm.utils"],
@@ -84,9 +85,8 @@ class ModelEmaV3(nn.Module):
         exclude_buffers: bool = False,
     ):
         super().__init__()
-        if not 0.0 <= decay <= 1.0 or not 0.0 <= min_decay <= 1.0:
-            raise ValueError(f"fused_ema: decay and min_decay must be in [0, 1], got {decay}, "
-                             f"{min_decay}")
+        check_unit("decay", decay)
+        check_unit("min_decay", min_decay)
         self.module = deepcopy(model)
         self.module.eval()
         self.decay = decay

@@ -27,7 +27,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from . import _delegate, _pairs
-from ..fallback import check_decay  # the one [0, 1] rule (ValueError, as torch_ema's)
+X
 
 __all__ = ["ExponentialMovingAverage"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["torch_ema"], "torch-ema==0.3")
@@ -45,7 +45,7 @@ class ExponentialMovingAverage:
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float,
                  use_num_updates: bool = True):
-        self.decay = check_decay(decay)  # NaN too (torch_ema's own check lets it through)
+        self.decay = check_unit("decay", decay)  # NaN too (torch_ema's own check lets it through)
         self.num_updates = 0 if use_num_updates else None
         parameters = list(parameters)
         self.shadow_params = [p.clone().detach() for p in parameters]
@@ -131,7 +131,7 @@ class ExponentialMovingAverage:
         """Loads a ``state_dict()`` of this class or of torch_ema's; everything is checked
         before anything is assigned."""
         state_dict = copy.deepcopy(state_dict)
-        decay = check_decay(state_dict["decay"])
+        decay = check_unit("decay", state_dict["decay"])
         num_updates = state_dict["num_updates"]
         if not (num_updates is None or (isinstance(num_updates, int)
                                         and not isinstance(num_updates, bool))):
