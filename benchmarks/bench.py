@@ -6,8 +6,13 @@ memory-bandwidth limit measured beside them in the same run.
     python benchmarks/bench.py --models gpt2_small --dtypes fp32,bf16 --decays 1,2
     python benchmarks/bench.py --large              # adds TinyLlama-1.1B (about 4.4 GB per copy)
     python benchmarks/bench.py --device cuda        # device time, host time, launches, CUDA graph
-    python benchmarks/bench.py --update-readme      # also rewrites the README's results block
     python benchmarks/bench.py --host-cost          # only the per-step host cost (about 30 s)
+    python benchmarks/bench.py --update-results --update-readme   # rewrite the record (below)
+
+Outputs go to --out (default runs/ at the repository root, ignored by git). The committed
+reference results in benchmarks/results/ change only with --update-results, and the
+README's results block only with --update-readme (which goes with --update-results: the
+block links the committed chart).
 
 Every method first runs two updates from a known start and is checked against a
 float64 reference; it is then timed with ``torch.utils.benchmark`` (warm-up,
@@ -31,6 +36,7 @@ import torch  # noqa: E402
 
 import methods as M  # noqa: E402
 import models  # noqa: E402
+from outputs import add_output_args, results_dir  # noqa: E402
 # (the tests reach the parts through this module too)
 from report import (INFO, README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
                     case_title, compute_targets, footnotes, format_table, machine_line,
@@ -95,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sequential", action="store_true",
                    help="time one method at a time (less memory; automatic when the case "
                    "would not fit)")
-    p.add_argument("--out-dir", default=str(HERE / "results"))
+    add_output_args(p, __file__)
     p.add_argument("--tag", help="file name stem of the outputs (default bench_<devices>)")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler tables of the methods the targets compare "
@@ -103,9 +109,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", action="store_true",
-                   help="rewrite the README block between the BENCHMARK_RESULTS markers")
+                   help="rewrite the README block between the BENCHMARK_RESULTS markers "
+                   "(with --update-results)")
     p.add_argument("--readme", default=str(REPO / "README.md"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.update_readme and Path(args.out).resolve() != Path(results_dir(__file__)):
+        p.error("--update-readme goes with --update-results: the README block links the "
+                "committed results in benchmarks/results/")
+    return args
 
 
 def _split(s: Optional[str]) -> Optional[List[str]]:
@@ -222,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if load_warning(meta):
         print("WARNING: " + load_warning(meta))
 
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "bench_" + "_".join(devs)
     paths = {"json": out_dir / f"{tag}.json", "csv": out_dir / f"{tag}.csv",
@@ -255,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if update_readme(Path(args.readme), block, tag):
             print(f"README results block updated: {args.readme}")
     else:
-        print(f"README block: {paths['md']} (or rerun with --update-readme)")
+        print(f"README block: {paths['md']} (or rerun with --update-results --update-readme)")
     return result
 
 

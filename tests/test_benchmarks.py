@@ -129,7 +129,7 @@ def test_plans():
 def test_a_run_writes_json_csv_png_and_markdown(tmp_path, capsys):
     result = bench.main(["--models", "tiny", "--dtypes", "fp32,bf16", "--decays", "1,2",
                          "--device", "cpu", "--min-run-time", "0.01", "--rounds", "2",
-                         "--out-dir", str(tmp_path), "--tag", "t", "--no-progress"])
+                         "--out", str(tmp_path), "--tag", "t", "--no-progress"])
     out = capsys.readouterr().out
     assert "Targets" in out and "EMAPlan.update_" in out
     for ext in ("json", "csv", "png", "md"):
@@ -177,3 +177,15 @@ def test_the_time_budget_cuts_slow_rounds_first():
     assert bench.choose_rounds(calls, 3, 0.2, 0.1) == (2, 1, 0.05)  # the floor
     budget = bench.Budget(100.0, [1.0, 3.0])
     assert 20 < budget.cap(0, fixed_now=1.0) <= 25  # a quarter of what is left
+
+
+def test_outputs_go_to_out_and_the_record_only_on_request():
+    results = str(bench.HERE / "results")
+    assert bench.parse_args([]).out == str(bench.REPO / "runs")
+    assert bench.parse_args(["--out", "x"]).out == "x"
+    assert bench.parse_args(["--update-results"]).out == results
+    assert bench.parse_args(["--update-results", "--update-readme"]).update_readme
+    for argv in (["--update-readme"], ["--out", "x", "--update-readme"],
+                 ["--out", "x", "--update-results"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
