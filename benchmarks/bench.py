@@ -38,7 +38,7 @@ import methods as M  # noqa: E402
 import models  # noqa: E402
 from outputs import add_output_args, results_dir  # noqa: E402
 # (the tests reach the parts through this module too)
-from report import (INFO, README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
+from report import (README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
                     case_title, compute_targets, footnotes, format_table, machine_line,
                     render_markdown, target_rows, update_readme, write_csv, write_png)
 from runner import (CHECK_TOL, Budget, _cpu_counters, _loadavg, case_weight,  # noqa: E402,F401
@@ -57,7 +57,7 @@ DEFAULT_PLAN = (
     ("many_tiny", "fp32"),
     ("many_empty", "fp32"),
 )
-# --host-cost: only what issue 10's per-step goals compare (a quick run).
+# --host-cost: only the per-step host cost rows (a quick run).
 HOST_COST_PLAN = (("many_empty", "fp32"), ("many_tiny", "fp32"), ("many_small", "fp32"))
 HOST_COST_METHODS = ("plan", "plan_flat", "plan_skip", "fused_ema", "foreach_lerp")
 
@@ -229,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "cases": cases, "targets": targets}
 
     print(f"\nTargets (ratios of medians measured side by side in this run; {elapsed:.0f} s):")
-    print(format_table(target_rows(targets), left=2))
+    print(format_table(target_rows(targets), left=3))
     if load_warning(meta):
         print("WARNING: " + load_warning(meta))
 
