@@ -11,6 +11,7 @@ shared EMA tensors.
 """
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -223,10 +224,12 @@ def compiled_foreach_lerp(case: Case) -> Runner:
     def step():
         with torch.no_grad():
             lerp(groups, 1 - d)
+    t = time.perf_counter()
     step()
+    compile_s = time.perf_counter() - t
     with torch.compiler.set_stance("fail_on_recompile"):
         step()
-    return Runner(step, case.emas, keep=lerp)
+    return Runner(step, case.emas, keep=lerp, note=f"compiled in {compile_s:.0f} s")
 
 
 def foreach_lerp_buffer(case: Case) -> Runner:
