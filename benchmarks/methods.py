@@ -213,8 +213,6 @@ def compiled_foreach_lerp(case: Case) -> Runner:
     user tries first to make timm's update fast. Compiled and warmed up here, so the compile
     is not timed; a further call must not compile again (``fail_on_recompile``)."""
     d = _one_decay(case)
-    if case.param_dtype != case.ema_dtype:
-        raise Unsupported("fp32 params only (lerp needs equal dtypes)")
     groups = _by_dtype(case.emas[0], case.params)
     # A fresh cache: graphs of earlier cases would count against dynamo's recompile limit
     # (past it, the function silently runs eagerly).
