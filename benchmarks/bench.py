@@ -6,14 +6,23 @@ memory-bandwidth limit measured beside them in the same run.
     python benchmarks/bench.py --models gpt2_small --dtypes fp32,bf16 --decays 1,2
     python benchmarks/bench.py --large              # adds TinyLlama-1.1B (about 4.4 GB per copy)
     python benchmarks/bench.py --device cuda        # device time, host time, launches, CUDA graph
-    python benchmarks/bench.py --update-readme      # also docs/benchmarks.md, README summary
     python benchmarks/bench.py --host-cost          # only the per-step host cost (about 30 s)
+    python benchmarks/bench.py --update-results --update-readme   # rewrite the record (below)
+                                                    # (docs/benchmarks.md, the README summary)
+
+Outputs go to --out (default runs/ at the repository root, ignored by git). The committed
+reference results in benchmarks/results/ change only with --update-results, and the
+README's results block only with --update-readme (which goes with --update-results: the
+block links the committed chart).
 
 Every method first runs two updates from a known start and is checked against a
 float64 reference; it is then timed with ``torch.utils.benchmark`` (warm-up,
 ``blocked_autorange``), in rounds that interleave all methods of a case so that
 drifting machine load hits them alike, and summarised by the median. The targets
-at the end are ratios of medians from this same run.
+at the end are ratios of medians from this same run, each with the reason a user pays
+it; rows without a goal are shown for information. ``torch.compile`` of
+``_foreach_lerp_`` is compiled and warmed up before it is timed, and runs on cases of
+at most 1000 tensors unless named in --methods (compiling 2000 takes minutes).
 """
 import argparse
 import json
@@ -32,8 +41,9 @@ import torch  # noqa: E402
 
 import methods as M  # noqa: E402
 import models  # noqa: E402
+from outputs import add_output_args, results_dir  # noqa: E402
 # (the tests reach the parts through this module too)
-from report import (INFO, README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
+from report import (README_BEGIN, README_END, TARGETS, case_rows,  # noqa: E402,F401
                     case_title, compute_targets, footnotes, format_table, machine_line,
                     render_markdown, render_summary, RESULTS_PAGE, target_rows, update_readme,
                     write_csv, write_png)
@@ -53,7 +63,7 @@ DEFAULT_PLAN = (
     ("many_tiny", "fp32"),
     ("many_empty", "fp32"),
 )
-# --host-cost: only what issue 10's per-step goals compare (a quick run).
+# --host-cost: only the per-step host cost rows (a quick run).
 HOST_COST_PLAN = (("many_empty", "fp32"), ("many_tiny", "fp32"), ("many_small", "fp32"))
 HOST_COST_METHODS = ("plan", "plan_flat", "plan_skip", "fused_ema", "foreach_lerp")
 
@@ -97,7 +107,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sequential", action="store_true",
                    help="time one method at a time (less memory; automatic when the case "
                    "would not fit)")
-    p.add_argument("--out-dir", default=str(HERE / "results"))
+    add_output_args(p, __file__)
     p.add_argument("--tag", help="file name stem of the outputs (default bench_<devices>)")
     p.add_argument("--profile", action="store_true",
                    help="also write torch.profiler tables of the methods the targets compare "
@@ -106,10 +116,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", action="store_true",
                    help="rewrite the blocks between the BENCHMARK_RESULTS markers: the full "
-                   "tables in docs/benchmarks.md, their summary in README.md")
+                   "tables in docs/benchmarks.md, their summary in README.md (with "
+                   "--update-results)")
     p.add_argument("--readme", default=str(REPO / "README.md"), help=argparse.SUPPRESS)
     p.add_argument("--results-page", default=str(RESULTS_PAGE), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.update_readme and Path(args.out).resolve() != Path(results_dir(__file__))
+            and Path(args.readme).resolve() == (REPO / "README.md").resolve()):
+        p.error("--update-readme goes with --update-results: the README block links the "
+                "committed results in benchmarks/results/")
+    return args
 
 
 def _split(s: Optional[str]) -> Optional[List[str]]:
@@ -222,11 +238,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               "cases": cases, "targets": targets}
 
     print(f"\nTargets (ratios of medians measured side by side in this run; {elapsed:.0f} s):")
-    print(format_table(target_rows(targets), left=2))
+    print(format_table(target_rows(targets), left=3))
     if load_warning(meta):
         print("WARNING: " + load_warning(meta))
 
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "bench_" + "_".join(devs)
     paths = {"json": out_dir / f"{tag}.json", "csv": out_dir / f"{tag}.csv",
@@ -264,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 and update_readme(readme, render_summary(result, page_rel), tag)):
             print(f"results updated: {page}, summary in {readme}")
     else:
-        print(f"README block: {paths['md']} (or rerun with --update-readme)")
+        print(f"README block: {paths['md']} (or rerun with --update-results --update-readme)")
     return result
 
 

@@ -10,6 +10,10 @@ change hits both), and the table gives each one's median time per update and the
 (library / drop-in: above 1, the drop-in is faster). Libraries that are not installed are
 skipped. timm is loaded from its own ``utils/model_ema.py`` when ``import timm`` fails
 (timm needs torchvision, which may be missing). Results are measured, never assumed.
+
+The table is printed and written to bench_dropins.md under --out (default runs/ at the
+repository root, ignored by git); --update-results writes it to benchmarks/results/, the
+committed reference results.
 """
 import argparse
 import importlib.util
@@ -26,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import models  # noqa: E402
+from outputs import add_output_args  # noqa: E402
 
 DECAY = 0.999
 
@@ -168,16 +173,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="substring of the library names to run")
+    add_output_args(ap, __file__)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import fused_ema
     dtype = getattr(torch, args.dtype)
-    print(f"# fused_ema drop-ins vs the libraries: device={args.device}, params {args.dtype}, "
-          f"decay={DECAY}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fused_ema backend={fused_ema.backend(args.device)}")
-    print("| parameter set | library | library ms | drop-in ms | library / drop-in |")
-    print("|---|---|---:|---:|---:|")
+    lines = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+    emit(f"# fused_ema drop-ins vs the libraries: device={args.device}, params {args.dtype}, "
+         f"decay={DECAY}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+         f"fused_ema backend={fused_ema.backend(args.device)}")
+    emit("")
+    emit("Command: `python benchmarks/bench_dropins.py "
+         + " ".join(sys.argv[1:] if argv is None else argv) + "`")
+    emit("")
+    emit("| parameter set | library | library ms | drop-in ms | library / drop-in |")
+    emit("|---|---|---:|---:|---:|")
     for name in args.models.split(","):
         shapes = [shape for _, shape in models.spec(name)]
         for lib_name in pairs(nn.Module()):
@@ -187,9 +202,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             build_lib, build_ours = pairs(model)[lib_name]
             lib, ours = build_lib(), build_ours()
             t_lib, t_ours = time_pair(lib, ours, args.seconds, args.rounds, args.device)
-            print(f"| {models.label(name)} | {lib_name} | {t_lib * 1e3:.3f} | "
-                  f"{t_ours * 1e3:.3f} | {t_lib / t_ours:.2f}x |", flush=True)
+            emit(f"| {models.label(name)} | {lib_name} | {t_lib * 1e3:.3f} | "
+                 f"{t_ours * 1e3:.3f} | {t_lib / t_ours:.2f}x |")
             del lib, ours, model
+    path = Path(args.out) / "bench_dropins.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

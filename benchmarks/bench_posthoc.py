@@ -20,7 +20,9 @@ reset through /proc/self/clear_refs), ours (fp32 snapshots, streamed) and ema-py
     python benchmarks/bench_posthoc.py                       # resnet50 + many_small
     python benchmarks/bench_posthoc.py --models tiny --synth tiny:3,tiny:10 --quick  # smoke
 
-Writes bench_posthoc.md / .json under --out (default benchmarks/results).
+Writes bench_posthoc.md / .json (``--quick``: bench_posthoc_quick.*) under --out (default
+runs/ at the repository root, ignored by git); --update-results writes them to
+benchmarks/results/, the committed reference results.
 """
 import argparse
 import json
@@ -43,6 +45,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from models import label, numel, spec  # noqa: E402
+from outputs import add_output_args  # noqa: E402
 
 from fused_ema import FusedEMA, PostHocEMA, backend, schedules  # noqa: E402
 
@@ -229,7 +232,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--synth-child", nargs=3, metavar=("WHICH", "MODEL", "DIR"),
                    help=argparse.SUPPRESS)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    add_output_args(p, __file__)
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.synth_child:

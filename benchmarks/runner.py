@@ -223,8 +223,8 @@ def cuda_extras(step, graph_safe: bool) -> dict:
 
 
 # --profile: the methods the targets compare.
-PROFILED = ("bw_add", "bw_add_tensors", "bw_copy", "foreach_lerp", "naive_mul_add", "plan",
-            "fused_ema", "plan_x2", "plan_multi")
+PROFILED = ("bw_add", "bw_add_tensors", "bw_copy", "foreach_lerp", "compiled_foreach_lerp",
+            "naive_mul_add", "plan", "fused_ema", "plan_x2", "plan_multi")
 
 
 def profile_table(step, device: str, steps: int = 3) -> str:
@@ -381,6 +381,10 @@ def run_case(model: str, kind: str, device: str, args, keys, pbar,
         if pbar is not None:
             pbar.set_postfix_str(f"{model}/{kind}/{device}: {m.key} (check)", refresh=False)
         try:
+            if m.max_tensors is not None and len(case.params) > m.max_tensors and (
+                    keys is None or m.key not in keys):
+                raise M.Unsupported(f"over {m.max_tensors} tensors: {m.limited} (name it in "
+                                    "--methods to run it)")
             runner = m.build(case)
             row["note"] = runner.note
             if m.reference or not m.writes:

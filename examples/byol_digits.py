@@ -23,7 +23,9 @@ sqrt(dim) (about 1 for spread-out embeddings, near 0 for collapse).
     python examples/byol_digits.py             # full run (about 5 minutes on 2 cores)
     python examples/byol_digits.py --quick     # smoke test (under a minute)
 
-Writes byol_digits.png and byol_digits.md under --out (default examples/results).
+Writes byol_digits.png and byol_digits.md under --out (default runs/ at the repository root,
+ignored by git); --update-results writes them to examples/results/, the committed full-run
+results.
 """
 import os
 
@@ -47,6 +49,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_ema import FusedEMA, schedules
+
+# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from outputs import add_output_args  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -405,8 +412,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes (one thread each)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results"))
+    add_output_args(p, __file__)
     args = p.parse_args(argv)
     from tqdm import tqdm
 

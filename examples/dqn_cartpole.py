@@ -20,7 +20,9 @@ exploration and initialisations, computed in one call instead of ten.
     python examples/dqn_cartpole.py             # full run (about 6 minutes on 2 cores)
     python examples/dqn_cartpole.py --quick     # smoke test (under a minute)
 
-Writes dqn_cartpole.png and dqn_cartpole.md under --out (default examples/results).
+Writes dqn_cartpole.png and dqn_cartpole.md under --out (default runs/ at the repository root,
+ignored by git); --update-results writes them to examples/results/, the committed full-run
+results.
 """
 import os
 
@@ -43,6 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_ema import FusedEMA
+
+# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from outputs import add_output_args  # noqa: E402
 
 SOLVED = 475.0      # CartPole-v1's "solved" threshold (the maximum return is 500)
 COLLAPSED = 200.0   # a run that had reached SOLVED and later scores below this has collapsed
@@ -364,8 +371,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes (one thread each)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results"))
+    add_output_args(p, __file__)
     args = p.parse_args(argv)
     from tqdm import tqdm
 

@@ -18,7 +18,9 @@ length) and the raw weights.
     python examples/posthoc_digits.py           # full run (a few minutes on 2 cores)
     python examples/posthoc_digits.py --quick   # smoke test
 
-Writes posthoc_digits.png and posthoc_digits.md under --out (default examples/results).
+Writes posthoc_digits.png and posthoc_digits.md under --out (default runs/ at the repository root,
+ignored by git); --update-results writes them to examples/results/, the committed full-run
+results.
 """
 import os
 
@@ -29,6 +31,7 @@ import argparse
 import dataclasses
 import math
 import shutil
+import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -39,6 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_ema import FusedEMA, PostHocEMA
+
+# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from outputs import add_output_args  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -281,8 +289,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a short smoke run")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results"))
+    add_output_args(p, __file__)
     args = p.parse_args(argv)
     cfg = Config()
     if args.quick:

@@ -130,7 +130,7 @@ def test_plans():
 def test_a_run_writes_json_csv_png_and_markdown(tmp_path, capsys):
     result = bench.main(["--models", "tiny", "--dtypes", "fp32,bf16", "--decays", "1,2",
                          "--device", "cpu", "--min-run-time", "0.01", "--rounds", "2",
-                         "--out-dir", str(tmp_path), "--tag", "t", "--no-progress"])
+                         "--out", str(tmp_path), "--tag", "t", "--no-progress"])
     out = capsys.readouterr().out
     assert "Targets" in out and "EMAPlan.update_" in out
     for ext in ("json", "csv", "png", "md"):
@@ -147,7 +147,9 @@ def test_a_run_writes_json_csv_png_and_markdown(tmp_path, capsys):
                     assert r["check"] == "ok", r
             else:
                 assert r["status"] == "n/a", r
-    assert len(data["targets"]) >= len(bench.TARGETS)
+    goals = [t for t in data["targets"] if t["goal"] != "(info)"]
+    assert len(goals) == sum(t.goal is not None for t in bench.TARGETS)
+    assert all(t["why"] for t in data["targets"])
     with open(tmp_path / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(c["rows"]) for c in result["cases"])
@@ -174,7 +176,7 @@ def test_update_readme_writes_the_tables_to_the_page_and_their_summary_to_the_re
         f.write_text(f"head\n{bench.README_BEGIN}\nold\n{bench.README_END}\ntail\n")
     result = bench.main(["--models", "tiny", "--dtypes", "fp32,bf16", "--decays", "1",
                          "--device", "cpu", "--min-run-time", "0.01", "--rounds", "1",
-                         "--out-dir", str(tmp_path / "out"), "--tag", "t", "--no-progress",
+                         "--out", str(tmp_path / "out"), "--tag", "t", "--no-progress",
                          "--update-readme", "--readme", str(readme), "--results-page", str(page)])
     full, summary = page.read_text(), readme.read_text()
     for text in (full, summary):
@@ -201,3 +203,45 @@ def test_the_time_budget_cuts_slow_rounds_first():
     assert bench.choose_rounds(calls, 3, 0.2, 0.1) == (2, 1, 0.05)  # the floor
     budget = bench.Budget(100.0, [1.0, 3.0])
     assert 20 < budget.cap(0, fixed_now=1.0) <= 25  # a quarter of what is left
+
+
+def test_outputs_go_to_out_and_the_record_only_on_request():
+    results = str(bench.HERE / "results")
+    assert bench.parse_args([]).out == str(bench.REPO / "runs")
+    assert bench.parse_args(["--out", "x"]).out == "x"
+    assert bench.parse_args(["--update-results"]).out == results
+    assert bench.parse_args(["--update-results", "--update-readme"]).update_readme
+    for argv in (["--update-readme"], ["--out", "x", "--update-readme"],
+                 ["--out", "x", "--update-results"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
+def test_targets_are_ratios_of_this_runs_medians():
+    def case(model, **medians):
+        return {"device": "cpu", "model": model, "kind": "fp32", "tensors": 4, "rows": [
+            {"method": k, "status": "ok", "median_s": v} for k, v in medians.items()]}
+    got = {t["target"]: t for t in bench.compute_targets([
+        case("gpt2_small", plan=1.2, bw_add=1.0, compiled_foreach_lerp=1.5),
+        case("many_empty", plan=4e-8, fused_ema=8e-8)])}
+    t = got["GPT-2 small fp32: EMAPlan.update_ time / bandwidth ref time"]
+    assert t["measured"] == pytest.approx(1.2) and t["met"] is False and t["by"] == "9.1% over"
+    t = got["GPT-2 small: EMAPlan.update_ speedup vs torch.compile(_foreach_lerp_)"]
+    assert t["measured"] == pytest.approx(1.25) and t["goal"] == "(info)" and t["met"] is None
+    t = got["10,000 empty tensors: EMAPlan.update_ host cost per tensor"]
+    assert t["measured"] == pytest.approx(10.0) and t["goal"] == "(info)"  # 4e-8 s / 4 tensors
+    assert got["2000 x 1024: FusedEMA.update speedup vs _foreach_lerp_"]["note"] == "not run"
+    assert "ResNet-50: EMAPlan.update_ speedup vs torch.compile(_foreach_lerp_)" not in got
+    assert all(t.why for t in bench.TARGETS)
+
+
+def test_the_compiled_anchor_is_compiled_before_it_is_timed():
+    from torch._dynamo.utils import counters
+    case = C.build_case("tiny", "fp32")
+    before = counters["stats"]["unique_graphs"]
+    runner = M.METHOD_BY_KEY["compiled_foreach_lerp"].build(case)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 1  # compiled once, by the builder
+    for _ in range(3):  # what the harness times: no compile, no recompile
+        runner.step()
+    assert counters["stats"]["unique_graphs"] == graphs
