@@ -27,7 +27,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from . import _delegate, _pairs
-X
+from ..validation import check_unit  # the one [0, 1] rule (ValueError, as torch_ema's)
 
 __all__ = ["ExponentialMovingAverage"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["torch_ema"], "torch-ema==0.3")
