@@ -97,7 +97,21 @@ struct Case {
   int multiprocessor_count = 2;  // small: grid-stride loops get exercised
   bool mixed_kernel = false;     // run the any-dtype kernel even when one dtype pair would do
   bool non_finite_emas = false;  // EMAs of NaN, +inf, -inf: decay 0 must still copy the param
+  // Params of NaN, +-inf, -0.0 and EMAs of -0.0, +-inf, NaN, 1.5: decay 1 must keep the EMA.
+  bool non_finite_params = false;
 };
+
+// Fills `b` (elements of `dtype`) with `values` over and over.
+void fill_cycle(Buffer& b, DType dtype, int64_t n, std::initializer_list<double> values) {
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* p = reinterpret_cast<T*>(b.data);
+    const double* v = values.begin();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i % values.size()]);
+  });
+}
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 std::mt19937 rng(12345);
 
@@ -141,6 +155,9 @@ bool run_case(const Case& c) {
   std::vector<at::Tensor> param_t, ema_t, ref_ema_t;
   for (const TensorSpec& t : c.tensors) {
     params.push_back(random_buffer(t.param_dtype, t.param_offset, t.numel));
+    if (c.non_finite_params) {
+      fill_cycle(*params.back(), t.param_dtype, t.param_offset + t.numel, {kNaN, kInf, -kInf, -0.0});
+    }
     param_copy.push_back(clone(*params.back()));
     param_t.push_back(view(*params.back(), t.param_dtype, t.param_offset, t.numel));
   }
@@ -161,6 +178,9 @@ bool run_case(const Case& c) {
           T* e = reinterpret_cast<T*>(emas[j]->data);
           for (int64_t x = 0; x < t.ema_offset + t.numel; ++x) e[x] = bad[x % 3];
         });
+      }
+      if (c.non_finite_params) {
+        fill_cycle(*emas[j], t.ema_dtype[k], t.ema_offset + t.numel, {-0.0, kInf, -kInf, kNaN, 1.5});
       }
       ref_emas[j] = clone(*emas[j]);
       ema_t[j] = view(*emas[j], t.ema_dtype[k], t.ema_offset, t.numel);
@@ -373,6 +393,28 @@ std::vector<Case> edge_cases() {
       c.mixed_kernel = mixed;
       cases.push_back(c);
     }
+  }
+  for (DType pd : kDTypes) {  // decay 1 keeps the EMA: each fixed kernel, the one-pass loop
+    for (DType ed : kDTypes) {
+      for (std::vector<double> d : {std::vector<double>{1.0}, std::vector<double>{1.0, 0.9, 1.0}}) {
+        Case c;
+        c.name = std::string("decay 1 under NaN/inf params K=") + std::to_string(d.size()) + " " +
+                 dtype_name(pd) + "->" + dtype_name(ed);
+        c.decays = d;
+        c.non_finite_params = true;
+        for (int64_t size : {1, 9, 1024, 65537}) {
+          c.tensors.push_back({size, pd, std::vector<DType>(d.size(), ed), 1, 1});
+        }
+        c.tensors.push_back({1024, pd, std::vector<DType>(d.size(), ed), 0, 0});
+        cases.push_back(c);
+      }
+    }
+  }
+  for (bool mixed : {false, true}) {  // and the any-dtype kernel, EMA dtypes mixed
+    Case c = base("decay 1 under NaN/inf params, mixed EMA dtypes", {1.0, 0.9, 1.0});
+    c.non_finite_params = true;
+    c.mixed_kernel = mixed;
+    cases.push_back(c);
   }
   for (DType pd : kDTypes) {  // one dtype pair for every decay: the CPU kernel's one-pass loop
     for (DType ed : kDTypes) {
