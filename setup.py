@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 from setuptools import find_packages, setup
+from setuptools.command.sdist import sdist
 
 import torch
 import torch.utils.cpp_extension as cpp_extension
@@ -119,13 +120,17 @@ def default_arch_list(nvcc: str) -> str:
     return ";".join(archs) + "+PTX"
 
 
-def configure_cuda() -> bool:
-    """Decides whether to build the CUDA kernels and points torch at the toolkit."""
+def configure_cuda():
+    """Decides whether to build the CUDA kernels and points torch at the toolkit.
+
+    Returns what they are built for (TORCH_CUDA_ARCH_LIST syntax, or the visible GPUs),
+    or None.
+    """
     mode = os.environ.get("FUSED_EMA_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         fail(f"FUSED_EMA_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
-        return False
+        return None
 
     reason = None
     if torch.version.cuda is None:
@@ -147,7 +152,7 @@ def configure_cuda() -> bool:
         if mode == "1":
             fail("FUSED_EMA_CUDA=1 but the CUDA kernels cannot be built: " + reason)
         note(f"building without the CUDA kernels: {reason}")
-        return False
+        return None
 
     # torch.utils.cpp_extension read CUDA_HOME at import, from the nvcc on PATH;
     # a wrapper script there made it guess wrong (no libcudart to link).
@@ -156,10 +161,63 @@ def configure_cuda() -> bool:
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not archs and not torch.cuda.is_available():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc)
-        archs += " (the default: no GPU visible)"
-    note(f"building the CUDA kernels with the CUDA {release} toolkit at {home} for "
-         f"{archs or 'the visible GPU'}")
-    return True
+        note("no GPU visible and TORCH_CUDA_ARCH_LIST unset: the default architectures")
+    if not archs:
+        archs = "torch's default for the visible GPUs (%s)" % ", ".join(
+            "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+    note(f"building the CUDA kernels with the CUDA {release} toolkit at {home} for {archs}")
+    return archs
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMIT_FILE = "COMMIT"  # in an sdist: the commit it was made from
+
+
+def git_commit():
+    """The commit this source tree is checked out at ("-dirty": with changes), the one an
+    sdist was made from, or None."""
+    if os.path.isfile(os.path.join(HERE, COMMIT_FILE)):
+        with open(os.path.join(HERE, COMMIT_FILE)) as f:
+            return f.read().strip() or None
+
+    def git(*args):
+        return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    try:
+        # Only this project's own checkout: an unpacked sdist may lie inside another repo.
+        if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != \
+                os.path.realpath(HERE):
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# What `python -m fused_ema.info` reports about the build (fused_ema/_build_info.py):
+# the module itself cannot be asked when it does not load under another torch.
+BUILD_RECORD = {"TORCH_VERSION": torch.__version__, "CUDA_ARCHS": None, "COMMIT": git_commit()}
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Builds the module, then writes the build record beside it (in place or in build/)."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("fused_ema._C")),
+                            "_build_info.py")
+        with open(path, "w") as f:
+            f.write("# Written by setup.py with fused_ema._C: what it was built from and for.\n")
+            f.writelines(f"{key} = {value!r}\n" for key, value in BUILD_RECORD.items())
+
+
+class Sdist(sdist):
+    """Also writes the commit into the sdist: built from it, there is no git to ask."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        with open(os.path.join(base_dir, COMMIT_FILE), "w") as f:
+            f.write((BUILD_RECORD["COMMIT"] or "") + "\n")
 
 
 def extension():
@@ -169,7 +227,8 @@ def extension():
     # -ffp-contract=off: the CPU kernel gives the same bits whatever the ISA
     # clone it runs (see ema_cpu.cpp). The C++ standard is the one torch asks for.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if configure_cuda():
+    BUILD_RECORD["CUDA_ARCHS"] = configure_cuda()
+    if BUILD_RECORD["CUDA_ARCHS"]:
         # --threads: nvcc compiles the architectures in parallel (0: one per core).
         nvcc = ["-O3", "--expt-relaxed-constexpr", "--threads=0", "-DFUSED_EMA_WITH_CUDA"]
         return CUDAExtension(
@@ -183,5 +242,5 @@ def extension():
 setup(
     packages=find_packages(include=["fused_ema", "fused_ema.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt, "sdist": Sdist},
 )

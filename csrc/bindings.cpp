@@ -216,6 +216,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &fused_ema::Watch::size);
   m.def("compiled_with_cuda", &fused_ema::compiled_with_cuda);
   m.def("compiled_with_openmp", &fused_ema::compiled_with_openmp);
+  m.def("cpu_isa", &fused_ema::ema_cpu_isa,
+        "The instruction set the CPU update loop runs with here (picked at run time).");
   m.attr("CHUNK") = fused_ema::kChunk;
   m.attr("MAX_DECAYS") = fused_ema::kMaxDecays;
 }

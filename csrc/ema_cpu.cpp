@@ -160,6 +160,14 @@ int64_t ema_cpu_tasks(const Plan& plan) {
   return plan.num_elements < kSerialElements ? 1 : at::get_num_threads();
 }
 
+const char* ema_cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return has_avx2() ? "AVX2" : "SSE2";  // the x86-64 baseline
+#else
+  return "the compiler's baseline";
+#endif
+}
+
 void ema_update_cpu(const Plan& plan, const UpdateArgs& args) {
   // make_update_args reads host decay tensors and skip flags into `args`.
   TORCH_INTERNAL_ASSERT(args.decay_ptr == nullptr && args.skip_ptr == nullptr);

@@ -194,6 +194,8 @@ void run_plan(const Plan& plan, const UpdateArgs& args);
 void ema_update_cpu(const Plan& plan, const UpdateArgs& args);
 // How many tasks ema_update_cpu splits a plan into (1: it runs on the calling thread).
 int64_t ema_cpu_tasks(const Plan& plan);
+// The instruction set ema_update_cpu's loop runs with on this machine: "AVX2" or "SSE2".
+const char* ema_cpu_isa();
 void ema_update_cuda(const Plan& plan, const UpdateArgs& args);
 
 // The plan's device table, ready for a kernel launched on `stream` right after

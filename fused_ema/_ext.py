@@ -26,17 +26,15 @@ except ImportError as exc:  # missing build, or built against another torch
 if _C is not None:
     # Shape-only versions for torch.compile / FakeTensor tracing: the ops return
     # nothing and mutate `emas` in place, as their schemas say.
-    _register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
-
     # They also check what can be checked without memory (lengths, shapes,
     # devices, dtypes), so a bad call fails when traced, not later.
     from . import validation as _validation
 
-    @_register_fake("fused_ema::ema_update_")
+    @torch.library.register_fake("fused_ema::ema_update_")
     def _ema_update_fake(emas, params, decay, decay_tensor=None, skip=None):
         _validation.validate([emas], params, check_memory=False)
 
-    @_register_fake("fused_ema::multi_ema_update_")
+    @torch.library.register_fake("fused_ema::multi_ema_update_")
     def _multi_ema_update_fake(emas, params, decays, decay_tensor=None, skip=None):
         n = len(params)
         k = len(emas) // n if n and len(emas) % n == 0 else 1

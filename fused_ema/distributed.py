@@ -37,43 +37,27 @@ _DTENSOR = False  # not looked up yet
 
 
 def _dtensor_type():
-    """``DTensor`` (torch >= 2.5 ``torch.distributed.tensor``, before ``._tensor``) or None."""
+    """``DTensor``, or None in a torch built without distributed support."""
     global _DTENSOR
     if _DTENSOR is False:
-        cls = None
+        _DTENSOR = None
         if torch.distributed.is_available():
-            try:
-                from torch.distributed.tensor import DTensor as cls
-            except ImportError:
-                try:
-                    from torch.distributed._tensor import DTensor as cls
-                except ImportError:
-                    cls = None
-        _DTENSOR = cls
+            from torch.distributed.tensor import DTensor
+            _DTENSOR = DTensor
     return _DTENSOR
 
 
 def _fsdp_module_type():
-    """FSDP2's ``FSDPModule`` (``torch.distributed.fsdp`` from 2.6, ``_composable.fsdp`` before)."""
+    """FSDP2's ``FSDPModule``, or None in a torch built without distributed support."""
     if not torch.distributed.is_available():
         return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        return FSDPModule
-    except ImportError:
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-            return FSDPModule
-        except ImportError:
-            return None
+    from torch.distributed.fsdp import FSDPModule
+    return FSDPModule
 
 
 def _fully_shard():
-    """FSDP2's ``fully_shard`` (``torch.distributed.fsdp`` from 2.6, ``_composable.fsdp`` before)."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import fully_shard
+    """FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
     return fully_shard
 
 
@@ -231,10 +215,7 @@ def like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _distribute_like(v: torch.Tensor, like) -> Any:
     """The DTensor with ``like``'s mesh and placements holding this rank's part of the full
     tensor ``v`` (present on every rank); no communication."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard, Replicate
-    except ImportError:
-        from torch.distributed._tensor import DTensor, Shard, Replicate
+    from torch.distributed.tensor import DTensor, Shard, Replicate
     if tuple(v.shape) != tuple(like.shape):
         raise ValueError(f"fused_ema: a tensor of shape {list(v.shape)} cannot be loaded into "
                          f"an EMA tensor of shape {list(like.shape)}")
