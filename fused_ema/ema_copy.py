@@ -156,14 +156,12 @@ def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Sou
 def adopt_module(given: nn.Module, sources: Sequence[Source], theirs: Sequence[Source],
                  device: torch.device, ema_dtype: Optional[torch.dtype],
                  shared: AbstractSet[str]) -> nn.Module:
-    """Makes a checked user-supplied module the EMA copy: each of its tensors takes a copy of
-    the model's (EMA dtype, EMA device; the tensor objects stay) or, for a shared one, is
-    replaced by the model's; frozen, in eval mode."""
+    """Makes a checked user-supplied module the EMA copy: each of its tensors but the shared
+    ones takes a copy of the model's (EMA dtype, EMA device; the tensor objects stay);
+    frozen, in eval mode. (``FusedEMA``'s binding puts the model's shared tensors in.)"""
     for s, t in zip(sources, theirs):
         if s.name not in shared:
             t.tensor.data = ema_tensor(s.tensor, device, ema_dtype)
-    replace_tensors(given, {id(t.tensor): s.tensor for s, t in zip(sources, theirs)
-                            if s.name in shared})
     given.requires_grad_(False)
     given.eval()
     return given

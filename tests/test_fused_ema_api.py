@@ -683,13 +683,34 @@ def test_every_parameter_frozen_and_shared():
 
 
 def test_share_with_a_tensor_list_and_a_given_ema_model():
-    frozen_p = nn.Parameter(torch.randn(3), requires_grad=False)
+    frozen_p = nn.Parameter(torch.empty(3, device="meta"), requires_grad=False)  # not copyable
     trained = nn.Parameter(torch.randn(4))
-    ema = FusedEMA([frozen_p, trained], decay=0.5)
-    assert ema.parameters()[0] is frozen_p and ema.parameters()[1] is not trained
-    assert list(ema.state_dict()["emas"][0]) == ["1"]
+    ema = FusedEMA([trained, frozen_p], decay=0.5)
+    assert ema.parameters()[1] is frozen_p and ema.parameters()[0] is not trained
+    assert list(ema.state_dict()["emas"][0]) == ["0"]
     model = Hooked()
     model.lin.bias.requires_grad_(False)
     mine = Hooked()
     ema = FusedEMA(model, decay=0.5, ema_model=mine)
     assert mine.lin.bias is model.lin.bias and mine.lin.weight is not model.lin.weight
+
+
+def test_shared_tensors_are_never_copied():
+    """A frozen base the EMA could not copy (on the meta device, as an offloaded base is;
+    an int8 one, as a quantized base is) is shared as it is: no copy is made, not even one
+    dropped later."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(torch.empty(4, 4, device="meta"), requires_grad=False)
+    model[1].bias = nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(NotImplementedError):  # what a copy of the base would do
+        FusedEMA(model, decay=0.5, frozen="copy")
+    ema = FusedEMA(model, decay=0.5)
+    assert ema.module[1].weight is model[1].weight and ema.module[1].bias is model[1].bias
+    assert list(ema.state_dict()["emas"][0]) == ["0.weight", "0.bias"]
+    ref = state(ema.module[0])
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    ref_update(ref, model[0], 0.5)
+    assert_state(ema.module[0], ref)
