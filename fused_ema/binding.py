@@ -10,7 +10,7 @@ dict, the tensors the plans read through a copy or a view). A step costs a few
 nanoseconds per tensor and no Python loop over tensors.
 """
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,9 +102,12 @@ def match(found: Dict[str, tuple], names: Sequence[str], known: set,
     return out
 
 
-def model_device(names, kinds, srcs) -> torch.device:
-    """The one device of the model's floating tensors."""
+def model_device(names, kinds, srcs) -> Optional[torch.device]:
+    """The one device of the model's tracked floating tensors (None when there are none:
+    every parameter shared)."""
     floats = [(n, t) for n, t, kind in zip(names, srcs, kinds) if kind != "other"]
+    if not floats:
+        return None
     first = floats[0][1].device
     for n, t in floats:
         if t.device != first:
@@ -134,7 +137,7 @@ class Binding:
                  entries: Sequence[Tuple[object, str, object]] = ()):
         num_decays = len(emas)
         src_device = model_device(names, kinds, srcs)
-        cross = src_device != ema_device
+        cross = src_device is not None and src_device != ema_device
         if cross and capturable:
             raise ValueError(f"fused_ema: capturable=True needs the model and the EMA on one "
                              f"device; the model is on {src_device}, the EMA on {ema_device}")

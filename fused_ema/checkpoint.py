@@ -3,10 +3,13 @@ update so the format can be read (and changed) in one place.
 
 A state dict is ``{"format", "step", "emas", "settings"}``: ``emas`` holds one dict per
 decay (the EMA module's ``state_dict``, or name -> tensor for a list of tensors) in the
-EMA's own dtype; ``settings`` are plain values (schedules as their ``settings()``).
-Loading checks everything first and writes nothing when a check fails.
+EMA's own dtype, without the frozen parameters it shares with the model
+(``frozen="share"``: they are the model's, saved with it); ``settings`` are plain values
+(schedules as their ``settings()``). Loading checks everything first and writes nothing
+when a check fails.
 """
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -30,17 +33,40 @@ def settings(ema) -> Dict[str, Any]:
         "buffers": ema.buffers,
         "ema_dtype": None if ema.ema_dtype is None else str(ema.ema_dtype),
         "exclude": list(ema._selection.excluded),
+        "frozen": ema.frozen,
     }
     if ema._copy_patterns:  # only when given: older checkpoints keep loading
         out["copy"] = list(ema._copy_patterns)
     return out
 
 
+def shared_entries(ema, index: int) -> Dict[str, torch.Tensor]:
+    """key -> tensor of the ``index``-th EMA's ``state_dict`` entries that are the model's
+    own tensors (``frozen="share"``), under every name of a tied one."""
+    shared = set(ema._selection.shared)
+    if not shared:
+        return {}
+    held = {n: t for n, t in ema._ema_tensors(index).items() if n in shared}
+    if ema.modules is None:
+        return held
+    ids = {id(t) for t in held.values()}
+    return {n: p for n, p in ema.modules[index].named_parameters(remove_duplicate=False)
+            if id(p) in ids}
+
+
 def state_dict(ema) -> Dict[str, Any]:
-    if ema.modules is not None:
-        emas = [m.state_dict() for m in ema.modules]
-    else:
-        emas = [dict(zip(ema._known_order, e)) for e in ema._bare_emas]
+    emas = []
+    for k in range(ema.num_decays):
+        skip = shared_entries(ema, k)
+        if ema.modules is not None:
+            sd = ema.modules[k].state_dict()
+            if skip:
+                kept = OrderedDict((n, v) for n, v in sd.items() if n not in skip)
+                kept._metadata = getattr(sd, "_metadata", None)
+                sd = kept
+        else:
+            sd = {n: e for n, e in zip(ema._known_order, ema._bare_emas[k]) if n not in skip}
+        emas.append(sd)
     return {"format": FORMAT, "step": ema.step, "emas": emas, "settings": settings(ema)}
 
 
@@ -53,8 +79,12 @@ def load_state_dict(ema, state_dict: Dict[str, Any], strict: bool = True) -> Non
     if missing:
         raise ValueError(f"fused_ema: the checkpoint has no {' and no '.join(map(repr, missing))}"
                          " entry; it is not a whole FusedEMA.state_dict()")
-    saved, ours = state_dict.get("settings", {}), settings(ema)
+    # older checkpoints copied the frozen parameters
+    saved, ours = {"frozen": "copy", **state_dict.get("settings", {})}, settings(ema)
     differ = [k for k, v in ours.items() if saved.get(k) != v]
+    copies = (saved["frozen"], ours["frozen"]) == ("copy", "share")
+    if copies:  # the checkpoint's copies of what this EMA shares: checked, not loaded
+        differ.remove("frozen")
     adopt = {}
     if not strict:
         for k in [k for k in differ if k in ADOPTABLE]:
@@ -84,7 +114,9 @@ def load_state_dict(ema, state_dict: Dict[str, Any], strict: bool = True) -> Non
     if len(emas) != ema.num_decays:
         raise ValueError(f"fused_ema: the checkpoint holds {len(emas)} EMA(s), this "
                          f"FusedEMA {ema.num_decays}")
-    writes = _planned_writes(emas, state_dict_of_targets(ema))
+    writes = _planned_writes(emas, state_dict_of_targets(ema),
+                             [shared_entries(ema, k) for k in range(ema.num_decays)], copies,
+                             saved["frozen"] == "share")
     # every check passed: write
     with torch.no_grad():
         for t, v in writes:
@@ -107,23 +139,43 @@ def state_dict_of_targets(ema) -> List[Dict[str, torch.Tensor]]:
     return state_dict(ema)["emas"]
 
 
-def _planned_writes(emas, targets) -> List[tuple]:
+def _check_shape(name: str, value, target: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+        raise ValueError(f"fused_ema: '{name}' has shape "
+                         f"{list(getattr(value, 'shape', []))} in the checkpoint, "
+                         f"{list(target.shape)} here")
+
+
+def _planned_writes(emas, targets, shared, copies: bool, saved_shared: bool) -> List[tuple]:
+    """(EMA tensor, value) for every entry, all checked first. ``shared``: per EMA, key ->
+    tensor it shares with the model; with ``copies`` the checkpoint's copies of those are
+    checked for their shape and not loaded (the EMA module holds the model's own).
+    ``saved_shared``: the checkpoint left out what its EMA shared (for the message)."""
     writes = []
-    for sd, tgt in zip(emas, targets):
+    for sd, tgt, skip in zip(emas, targets, shared):
         sd = {normalize(n): v for n, v in sd.items()}
         tgt = {normalize(n): v for n, v in tgt.items()}
+        skip = {normalize(n): v for n, v in skip.items()}
+        for n in [n for n in sd if n in skip and copies]:
+            _check_shape(n, sd.pop(n), skip[n])
         missing = [n for n in tgt if n not in sd]
         extra = [n for n in sd if n not in tgt]
         if missing or extra:
+            hint = ""
+            if any(n in skip for n in extra):
+                hint = (f"; {[n for n in extra if n in skip][:5]} are frozen here and shared "
+                        "with the model (frozen='share'): unfreeze them and call replan() "
+                        "before loading, as they were when the checkpoint was saved")
+            elif missing and saved_shared:
+                hint = ("; the checkpoint leaves out the frozen parameters its EMA shared with "
+                        "the model: if these were frozen then, freeze them and call replan() "
+                        "before loading")
             raise ValueError(
                 f"fused_ema: the checkpoint is of another model: missing {missing[:5]}, "
-                f"unexpected {extra[:5]}")
+                f"unexpected {extra[:5]}{hint}")
         for n, t in tgt.items():
             v = sd[n]
-            if not isinstance(v, torch.Tensor) or v.shape != t.shape:
-                raise ValueError(f"fused_ema: '{n}' has shape "
-                                 f"{list(getattr(v, 'shape', []))} in the checkpoint, "
-                                 f"{list(t.shape)} here")
+            _check_shape(n, v, t)
             if v.dtype != t.dtype:
                 raise ValueError(f"fused_ema: '{n}' is {v.dtype} in the checkpoint but "
                                  f"{t.dtype} here (ema_dtype differs)")

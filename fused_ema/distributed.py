@@ -238,8 +238,10 @@ def _distribute_like(v: torch.Tensor, like) -> Any:
 
 
 def local_numel(ema, index: int = 0) -> int:
-    """Elements of the EMA held by this rank (local shards of DTensors, whole plain tensors)."""
-    return sum(local(t).numel() for t in ema.parameters(index))
+    """Elements of the EMA's parameters held by this rank (local shards of DTensors, whole
+    plain tensors; not the frozen ones it shares with the model)."""
+    owned = {id(t) for t in ema._owned(index)}
+    return sum(local(t).numel() for t in ema.parameters(index) if id(t) in owned)
 
 
 def latest_checkpoint(root: str) -> Optional[str]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import checkpoint, distributed, ema_copy, optim_hook, selection, validation
 from .binding import Binding, ListRun, Stale, match, model_device
-from .options import DecayLike, Options, constant_decays
+from .options import DecayLike, Options, check_placement, constant_decays
 from .schedules import Schedule
 from .selection import unwrap
 from .validation import FLOAT_DTYPES
@@ -71,14 +71,21 @@ class FusedEMA:
             models ``copy.deepcopy`` refuses (weight norm, hooks, non-leaf attributes): a
             module with the model's parameter and buffer names and shapes; its tensors take
             the model's values (EMA dtype and device) and it is frozen and put in eval mode.
+        frozen: what happens to frozen parameters (``requires_grad=False``, e.g. a LoRA
+            model's base). ``"share"`` (default): the EMA module holds the model's own
+            tensors (in the model's dtype): no memory, no work per update, not in
+            ``state_dict()``, skipped by ``swapped``/``copy_to``/``store``/``restore``; the
+            EMA must then be on the model's device. ``"copy"``: copies in the EMA dtype,
+            refreshed at every update. ``"average"``: averaged like the others (torch_ema).
 
     The step counter counts calls to ``update`` (optimizer steps, with ``attach``). A
     schedule is evaluated at ``step - update_after_step``, so ``Warmup`` and ``Cosine``
     start when averaging does; ``Warmup`` returns 0 (a copy) at that first step, as in timm,
     diffusers and ema-pytorch.
 
-    Parameters (``nn.Parameter``) with ``requires_grad=False`` are copied, not averaged
-    (read when the plan is built; call ``replan()`` after freezing or unfreezing).
+    Which parameters are frozen is read when the plan is built: call ``replan()`` after
+    freezing or unfreezing (with ``"share"``, an unfrozen parameter's EMA then starts from
+    its current value, a frozen one's EMA is dropped).
     """
 
     def __init__(
@@ -97,9 +104,10 @@ class FusedEMA:
         device: Optional[Union[str, torch.device]] = None,
         copy: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
         ema_model: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
+        frozen: str = "share",
     ):
         opts = Options.check(decay, tau, decays, update_after_step, update_every, ema_dtype,
-                             buffers, capturable)
+                             buffers, capturable, frozen)
         self._schedules: List[Schedule] = opts.schedules
         self.num_decays = len(opts.schedules)
         self.update_after_step = opts.update_after_step
@@ -107,6 +115,7 @@ class FusedEMA:
         self.buffers = opts.buffers
         self.ema_dtype = opts.ema_dtype
         self.capturable = opts.capturable
+        self.frozen = opts.frozen
         self._device_explicit = device is not None
 
         # -- what happens to each tensor
@@ -124,37 +133,42 @@ class FusedEMA:
         else:
             raise TypeError(f"fused_ema: expected an nn.Module or an iterable of tensors, got "
                             f"{type(model).__name__}")
-        self._selection = selection.select(sources, buffers=self.buffers, exclude=exclude,
-                                           copy=copy)
-        self._copy_patterns = [p for p, _ in selection.compile_patterns(copy, "copy")]
-        given = self._given_modules(ema_model, sources)
+        # what select() is given again by replan()
+        self._select_args = dict(buffers=self.buffers, exclude=selection.pattern_list(exclude),
+                                 copy=selection.pattern_list(copy), frozen=self.frozen)
+        self._selection = selection.select(sources, **self._select_args)
+        self._copy_patterns = [p for p, _ in selection.compile_patterns(
+            self._select_args["copy"], "copy")]
+        shared = set(self._selection.shared)
+        given = self._given_modules(ema_model, sources, shared)
         self._known_order = [s.name for s in sources]
         self._known = set(self._known_order)
         if "average" not in self._selection.kinds:
-            warnings.warn("fused_ema: every parameter has requires_grad=False, so the EMA only "
-                          "copies the model", UserWarning, stacklevel=2)
+            what = ("shares them with the model and averages nothing (frozen='share'); call "
+                    "replan() after unfreezing some" if shared else "only copies the model")
+            warnings.warn(f"fused_ema: every parameter has requires_grad=False, so the EMA "
+                          f"{what}", UserWarning, stacklevel=2)
 
         # -- the EMA copies
         first = next((s.tensor for s in sources if s.tensor.dtype in FLOAT_DTYPES),
                      sources[0].tensor)
         self._device = torch.device(device) if device is not None else first.device
-        if self.capturable and self._device_explicit and self._device != first.device:
-            raise ValueError(
-                f"fused_ema: capturable=True needs the EMA on the model's device ({first.device}),"
-                f" not {self._device}: a cross-device update cannot avoid a host sync")
+        check_placement(self._device, first.device, capturable=self.capturable,
+                        shared=self._selection.shared)
         ema_copy.warn_if_frozen_by_rounding(sources, self._schedules, self.update_every,
                                              self.ema_dtype)
         self.modules: Optional[List[nn.Module]] = None
         self._bare_emas: Optional[List[List[torch.Tensor]]] = None
         if given is not None:
             self.modules = [ema_copy.adopt_module(m, sources, theirs, self._device,
-                                                  self.ema_dtype) for m, theirs in given]
+                                                  self.ema_dtype, shared)
+                            for m, theirs in given]
         elif self._model is not None:
             self.modules = [ema_copy.copy_module(self._model, sources, self._device,
-                                                  self.ema_dtype)
+                                                  self.ema_dtype, shared)
                             for _ in range(self.num_decays)]
         else:
-            self._bare_emas = [ema_copy.copy_list(sources, self._device, self.ema_dtype)
+            self._bare_emas = [ema_copy.copy_list(sources, self._device, self.ema_dtype, shared)
                                for _ in range(self.num_decays)]
 
         # -- the step counter and the plans
@@ -167,7 +181,7 @@ class FusedEMA:
         self._stored = None  # store() / restore()
         self._bind()
 
-    def _given_modules(self, ema_model, sources):
+    def _given_modules(self, ema_model, sources, shared):
         """(module, its sources) for each user-supplied EMA model, all checked; None when
         the EMA copies are to be built."""
         if ema_model is None:
@@ -183,7 +197,8 @@ class FusedEMA:
             raise ValueError("fused_ema: ema_model= gives the same module twice; each decay "
                              "needs its own")
         single = len(mods) == 1 and isinstance(ema_model, nn.Module)
-        return [(m, ema_copy.check_given_module(self._model, m, sources, -1 if single else k))
+        return [(m, ema_copy.check_given_module(self._model, m, sources, -1 if single else k,
+                                                shared))
                 for k, m in enumerate(mods)]
 
     # ------------------------------------------------------------------ properties
@@ -211,7 +226,8 @@ class FusedEMA:
         return list(self._schedules)
 
     def parameters(self, index: int = 0) -> List[torch.Tensor]:
-        """The EMA of each parameter, in the model's (or the given list's) order."""
+        """The EMA of each parameter, in the model's (or the given list's) order (a shared
+        frozen parameter is the model's own)."""
         if self._model is None:
             return list(self._bare_emas[index])
         return list(self.modules[index].parameters())
@@ -242,7 +258,8 @@ class FusedEMA:
         return (f"FusedEMA(decays=[{sched}], tensors={len(self._selection.names)}, "
                 f"step={step}, update_after_step={self.update_after_step}, "
                 f"update_every={self.update_every}, buffers={self.buffers!r}, "
-                f"device={self._device}, capturable={self.capturable})")
+                f"frozen={self.frozen!r}, device={self._device}, "
+                f"capturable={self.capturable})")
 
     # ------------------------------------------------------------------ binding
 
@@ -274,18 +291,47 @@ class FusedEMA:
         floats = [t for t, kind in zip(srcs, kinds) if kind != "other"]
         src_device = model_device(names, kinds, srcs)
         distributed.check_device(src_device, self._device, floats)
-        if own and src_device != self._device and not self._device_explicit:
+        shared = self._selection.shared
+        if own and self._device_explicit:
+            check_placement(self._device, src_device, capturable=self.capturable,
+                            shared=shared)
+        if own and src_device not in (None, self._device) and not self._device_explicit:
             self._move_ema(src_device)  # the model moved and the EMA follows it
+        if own and shared:
+            self._share({n: found[n][0] for n in shared})
         emas = [[e[n] for n in names] for e in map(self._ema_tensors, range(self.num_decays))]
         ema_copy.follow_layout(srcs, emas)
         entries = []
         if own and target is not None:
-            # what the per-step check compares by identity: each tracked tensor in its
-            # module's dict, and each submodule in its parent's (a replaced submodule)
-            entries = [(c, k, t) for t, c, k in (found[n] for n in names)]
+            # what the per-step check compares by identity: each tracked or shared tensor
+            # in its module's dict (a frozen parameter replaced is shared again), and each
+            # submodule in its parent's (a replaced submodule)
+            entries = [(c, k, t) for t, c, k in (found[n] for n in names + shared)]
             entries += [(m._modules, k, c) for m in target.modules()
                         for k, c in m._modules.items() if c is not None]
         return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries)
+
+    def _share(self, model_tensors: Dict[str, torch.Tensor]) -> None:
+        """Makes every EMA hold ``model_tensors`` (name -> the model's tensor) where it
+        holds another tensor under that name: a frozen parameter shared, a copy dropped."""
+        for k in range(self.num_decays):
+            held = self._ema_tensors(k)
+            self._replace(k, {id(held[n]): t for n, t in model_tensors.items()
+                              if held[n] is not t})
+
+    def _replace(self, index: int, new: Dict[int, torch.Tensor]) -> None:
+        """``new[id(t)]`` in place of each EMA tensor ``t`` of the ``index``-th EMA."""
+        if not new:
+            return
+        if self.modules is not None:
+            ema_copy.replace_tensors(self.modules[index], new)
+        else:
+            self._bare_emas[index] = [new.get(id(e), e) for e in self._bare_emas[index]]
+
+    def _owned(self, index: int) -> List[torch.Tensor]:
+        """The EMA's own tensors (all but the shared ones) of the ``index``-th EMA."""
+        shared = set(self._selection.shared)
+        return [t for n, t in self._ema_tensors(index).items() if n not in shared]
 
     @torch.compiler.disable  # plans are built eagerly, also when update() is compiled
     def _bind(self) -> Binding:
@@ -296,14 +342,7 @@ class FusedEMA:
         return binding
 
     def _move_ema(self, device: torch.device) -> None:
-        with torch.no_grad():
-            if self.modules is not None:
-                for m in self.modules:
-                    m.to(device)
-            else:
-                for emas in self._bare_emas:
-                    for e in emas:
-                        e.data = e.data.to(device)
+        self._retensor(lambda e: e.to(device))
         self._device = device
         if self._step_t is not None:
             self._step_t = self._step_t.to(device)
@@ -316,10 +355,26 @@ class FusedEMA:
 
     def replan(self) -> None:
         """Rebuilds the plans from the model's current tensors (done automatically when a
-        tensor was replaced; call it after changing ``requires_grad``)."""
-        if self._model is not None:
-            srcs = {n: v[0] for n, v in self._model_tensors().items()}
-            selection.refresh_frozen(self._selection, srcs)
+        tensor was replaced; call it after changing ``requires_grad``). With
+        ``frozen="share"``, a parameter unfrozen since gets an EMA of its own (starting
+        from its current value), one frozen since is shared (its EMA dropped)."""
+        self._match(None)  # a model of other names or shapes: the usual error, nothing changed
+        sources = (selection.walk(self._model) if self._model is not None
+                   else selection.from_list(list(zip(self._known_order, self._bare))))
+        new = selection.select(sources, **self._select_args)
+        was, now = set(self._selection.shared), set(new.shared)
+        by_name = {s.name: s for s in sources}
+        make = ema_copy.ema_source if self.modules is not None else (
+            lambda s, device, dtype: ema_copy.ema_tensor(s.tensor, device, dtype))
+        with torch.no_grad():  # every new tensor made before anything is replaced
+            own = {n: [make(by_name[n], self._device, self.ema_dtype)
+                       for _ in range(self.num_decays)] for n in was - now}
+        for k in range(self.num_decays):
+            held = self._ema_tensors(k)
+            swap = {id(held[n]): own[n][k] for n in own}
+            swap.update({id(held[n]): by_name[n].tensor for n in now - was})
+            self._replace(k, swap)
+        self._selection = new
         self._bind()
 
     def _averaged_sources(self) -> List[Tuple[str, torch.Tensor]]:
@@ -580,9 +635,10 @@ class FusedEMA:
             new_device = torch.device("cuda", torch.cuda.current_device())
         b = self._ensure_bound()
         src_device = model_device(b.names, self._selection.kinds, b.srcs)
-        if self.capturable and new_device != src_device:
-            raise ValueError(f"fused_ema: capturable=True needs the EMA on the model's device "
-                             f"({src_device}), not {new_device}")
+        shared = self._selection.shared
+        check_placement(new_device, src_device or (  # every parameter shared: theirs
+            self._ema_tensors(0)[shared[0]].device if shared else None),
+            capturable=self.capturable, shared=shared)
         distributed.check_device(src_device, new_device,
                                  [t for t, k in zip(b.srcs, self._selection.kinds)
                                   if k != "other"])
@@ -590,7 +646,8 @@ class FusedEMA:
                                       dtype=dtype if e.is_floating_point() else None,
                                       non_blocking=non_blocking))
         if device is not None:
-            self._device, self._device_explicit = new_device, new_device != src_device
+            self._device = new_device
+            self._device_explicit = src_device is not None and new_device != src_device
             if self._step_t is not None:
                 self._step_t = self._step_t.to(new_device)
         if dtype is not None:
@@ -613,11 +670,9 @@ class FusedEMA:
 
     @torch.no_grad()
     def _retensor(self, fn) -> None:
-        """``e.data = fn(e)`` for every EMA tensor (the objects stay: modules keep theirs)."""
-        if self.modules is not None:
-            tensors = [s.tensor for m in self.modules for s in selection.walk(m)]
-        else:
-            tensors = [e for emas in self._bare_emas for e in emas]
+        """``e.data = fn(e)`` for every tensor the EMA owns (the objects stay: modules keep
+        theirs; shared ones are the model's)."""
+        tensors = [e for k in range(self.num_decays) for e in self._owned(k)]
         new = [fn(e.data) for e in tensors]  # all made before any is replaced
         for e, d in zip(tensors, new):
             e.data = d

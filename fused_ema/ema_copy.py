@@ -1,8 +1,10 @@
 """Building the EMA copy: a frozen deep copy of the model per decay (or, for a list of
-tensors, a list of tensor copies), in the EMA's dtype and on the EMA's device."""
+tensors, a list of tensor copies), in the EMA's dtype and on the EMA's device. Shared
+tensors (``frozen="share"``: names in ``shared``) are not copied: the EMA holds the
+model's own tensor objects."""
 import copy
 import warnings
-from typing import List, Optional, Sequence
+from typing import AbstractSet, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,15 +52,20 @@ def warn_if_frozen_by_rounding(sources: Sequence[Source], schedules: Sequence[Sc
                 return
 
 
+def ema_source(s: Source, device: torch.device, ema_dtype: Optional[torch.dtype]):
+    """A new EMA tensor for ``s`` (a frozen ``nn.Parameter`` for a parameter)."""
+    e = ema_tensor(s.tensor, device, ema_dtype)
+    return nn.Parameter(e, requires_grad=False) if s.is_param else e
+
+
 @torch.no_grad()
 def copy_module(model: nn.Module, sources: Sequence[Source], device: torch.device,
-                ema_dtype: Optional[torch.dtype]) -> nn.Module:
+                ema_dtype: Optional[torch.dtype], shared: AbstractSet[str]) -> nn.Module:
     """A frozen copy of ``model`` in eval mode whose tensors are EMA copies (``deepcopy``
-    with a memo of the new tensors; for a sharded model, a module tree of the shards)."""
-    memo = {}
-    for s in sources:
-        e = ema_tensor(s.tensor, device, ema_dtype)
-        memo[id(s.tensor)] = nn.Parameter(e, requires_grad=False) if s.is_param else e
+    with a memo of the new tensors, and of the shared ones mapped to themselves; for a
+    sharded model, a module tree of the shards)."""
+    memo = {id(s.tensor): s.tensor if s.name in shared else ema_source(s, device, ema_dtype)
+            for s in sources}
     try:  # an FSDP2 model is not copied: a module tree holds the shards
         m = (distributed.ema_module(model, memo) if distributed.is_sharded(model)
              else copy.deepcopy(model, memo))
@@ -74,8 +81,19 @@ def copy_module(model: nn.Module, sources: Sequence[Source], device: torch.devic
 
 @torch.no_grad()
 def copy_list(sources: Sequence[Source], device: torch.device,
-              ema_dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
-    return [ema_tensor(s.tensor, device, ema_dtype) for s in sources]
+              ema_dtype: Optional[torch.dtype], shared: AbstractSet[str]) -> List[torch.Tensor]:
+    return [s.tensor if s.name in shared else ema_tensor(s.tensor, device, ema_dtype)
+            for s in sources]
+
+
+def replace_tensors(module: nn.Module, new: Dict[int, torch.Tensor]) -> None:
+    """Puts ``new[id(t)]`` wherever ``module`` holds ``t`` as a parameter or buffer (under
+    every name of a tied tensor): sharing a frozen parameter, or ending the sharing."""
+    for m in module.modules():
+        for container in (m._parameters, m._buffers):
+            for key, t in container.items():
+                if t is not None and id(t) in new:
+                    container[key] = new[id(t)]
 
 
 @torch.no_grad()
@@ -96,10 +114,11 @@ def follow_layout(srcs: Sequence[torch.Tensor],
 
 
 def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Source],
-                       index: int) -> List[Source]:
+                       index: int, shared: AbstractSet[str]) -> List[Source]:
     """Checks a user-supplied EMA model (``FusedEMA(model, ema_model=...)``) against the
-    model: the same parameter and buffer names and shapes, no tensor shared. Returns its
-    sources in the model's order; writes nothing."""
+    model: the same parameter and buffer names and shapes, no tensor shared (but those
+    in ``shared``, which it will hold). Returns its sources in the model's order; writes
+    nothing."""
     what = "ema_model" if index < 0 else f"ema_model[{index}]"
     if not isinstance(given, nn.Module):
         raise TypeError(f"fused_ema: {what} must be an nn.Module, got {type(given).__name__}")
@@ -123,10 +142,10 @@ def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Sou
         if t.tensor.shape != s.tensor.shape:
             raise ValueError(f"fused_ema: '{s.name}' has shape {list(t.tensor.shape)} in "
                              f"{what} but {list(s.tensor.shape)} in the model")
-        if id(t.tensor) in model_ids or (
+        if s.name not in shared and (id(t.tensor) in model_ids or (
                 t.tensor.numel() and s.tensor.numel()
                 and t.tensor.untyped_storage().data_ptr()
-                == s.tensor.untyped_storage().data_ptr()):
+                == s.tensor.untyped_storage().data_ptr())):
             raise ValueError(f"fused_ema: '{s.name}' of {what} shares memory with the "
                              "model's; the EMA needs tensors of its own")
         out.append(t)
@@ -135,11 +154,14 @@ def check_given_module(model: nn.Module, given: nn.Module, sources: Sequence[Sou
 
 @torch.no_grad()
 def adopt_module(given: nn.Module, sources: Sequence[Source], theirs: Sequence[Source],
-                 device: torch.device, ema_dtype: Optional[torch.dtype]) -> nn.Module:
-    """Makes a checked user-supplied module the EMA copy: each of its tensors takes a copy of
-    the model's (EMA dtype, EMA device; the tensor objects stay), frozen, in eval mode."""
+                 device: torch.device, ema_dtype: Optional[torch.dtype],
+                 shared: AbstractSet[str]) -> nn.Module:
+    """Makes a checked user-supplied module the EMA copy: each of its tensors but the shared
+    ones takes a copy of the model's (EMA dtype, EMA device; the tensor objects stay);
+    frozen, in eval mode. (``FusedEMA``'s binding puts the model's shared tensors in.)"""
     for s, t in zip(sources, theirs):
-        t.tensor.data = ema_tensor(s.tensor, device, ema_dtype)
+        if s.name not in shared:
+            t.tensor.data = ema_tensor(s.tensor, device, ema_dtype)
     given.requires_grad_(False)
     given.eval()
     return given

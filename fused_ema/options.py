@@ -14,6 +14,7 @@ from .schedules import Constant, HalfLife, Schedule
 from .validation import MAX_DECAYS, check_count, check_float_dtype, check_unit
 
 BUFFER_MODES = ("copy", "average", "ignore")
+FROZEN_MODES = ("share", "copy", "average")
 
 DecayLike = Union[float, Schedule, Callable[[Any], Any]]
 
@@ -109,6 +110,7 @@ def constant_decays(schedules: Sequence[Schedule], update_every: int) -> Optiona
 class Options:
     """FusedEMA's checked settings (all but the schedules are plain values)."""
     schedules: List[Schedule]
+    frozen: str
     update_after_step: int = 0
     update_every: int = 1
     buffers: str = "copy"
@@ -117,13 +119,36 @@ class Options:
 
     @classmethod
     def check(cls, decay, tau, decays, update_after_step, update_every, ema_dtype, buffers,
-              capturable) -> "Options":
+              capturable, frozen) -> "Options":
         schedules = schedules_from(decay, tau, decays)
         after = check_count("update_after_step", update_after_step, 0)
         every = check_count("update_every", update_every, 1)
         if buffers not in BUFFER_MODES:
             raise ValueError(f"fused_ema: buffers must be one of {BUFFER_MODES}, got "
                              f"{buffers!r}")
+        if frozen not in FROZEN_MODES:
+            raise ValueError(f"fused_ema: frozen must be one of {FROZEN_MODES}, got {frozen!r}")
         if ema_dtype is not None:
             check_float_dtype("ema_dtype", ema_dtype)
-        return cls(schedules, after, every, buffers, ema_dtype, bool(capturable))
+        return cls(schedules, frozen, after, every, buffers, ema_dtype, bool(capturable))
+
+
+def check_placement(ema_device: torch.device, model_device: Optional[torch.device], *,
+                    capturable: bool, shared: Sequence[str]) -> None:
+    """Where the EMA may live: on the model's device when ``capturable`` (a cross-device
+    update cannot avoid a host sync) or when it shares frozen parameters with the model
+    (``shared``: their names; the EMA module holds the model's own tensors, so it runs on
+    the model's device). ``model_device`` None: nothing tracked to place."""
+    if model_device is None or ema_device == model_device:
+        return
+    if capturable:
+        raise ValueError(
+            f"fused_ema: capturable=True needs the EMA on the model's device ({model_device}),"
+            f" not {ema_device}: a cross-device update cannot avoid a host sync")
+    if shared:
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise ValueError(
+            f"fused_ema: frozen='share' (the default) keeps the model's own frozen parameters "
+            f"({', '.join(map(repr, shared[:3]))}{more}: requires_grad=False) in the EMA "
+            f"module, which must then be on the model's device ({model_device}), not "
+            f"{ema_device}; pass frozen='copy' to keep copies of them on {ema_device}")

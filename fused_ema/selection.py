@@ -6,6 +6,8 @@ Roles:
     ``copy``      a floating tensor the update copies (frozen parameters, buffers by default,
                   names matched by ``copy=``);
     ``other``     a non-floating tensor (e.g. ``num_batches_tracked``), copied;
+    ``shared``    a frozen parameter (``requires_grad=False``) with ``frozen="share"``: the
+                  EMA holds the model's own tensor, never updated, not in the checkpoint;
     ``excluded``  matched by ``exclude=``: never updated;
     ``ignored``   a buffer with ``buffers="ignore"``: kept as built.
 """
@@ -36,13 +38,13 @@ class Source:
 @dataclass
 class Selection:
     """The roles of a model's tensors: ``names``/``kinds`` in model order for the tracked
-    ones (average, copy, other), the sorted names of ``excluded`` ones, and the role of
-    every name."""
+    ones (average, copy, other), the sorted names of ``excluded`` ones, the ``shared``
+    ones in model order, and the role of every name."""
     names: List[str]
     kinds: List[str]
     excluded: List[str]
     roles: Dict[str, str] = field(default_factory=dict)
-    forced_copy: List[str] = field(default_factory=list)  # floating tensors copy= matched
+    shared: List[str] = field(default_factory=list)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -101,6 +103,15 @@ def from_list(items: Sequence[Any]) -> List[Source]:
     return out
 
 
+def pattern_list(patterns) -> Optional[list]:
+    """``exclude=`` / ``copy=`` as a list (one pattern, or an iterable read once), or None."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, (str, re.Pattern)):
+        return [patterns]
+    return list(patterns)
+
+
 def compile_patterns(patterns, what: str = "exclude") -> List[Tuple[Any, Callable[[str], bool]]]:
     """(pattern as given, name -> bool) for names, globs, module prefixes and re.Patterns."""
     if patterns is None:
@@ -121,14 +132,21 @@ def compile_patterns(patterns, what: str = "exclude") -> List[Tuple[Any, Callabl
     return out
 
 
+def is_frozen(t: torch.Tensor) -> bool:
+    """A parameter the optimizer does not train (what ``frozen=`` is about)."""
+    return isinstance(t, nn.Parameter) and not t.requires_grad
+
+
 def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
-           copy=None) -> Selection:
+           copy=None, frozen: str) -> Selection:
     """The role of each source (see the module docstring); raises for a model with nothing
-    to average, a parameter of an unsupported dtype or a pattern that matches nothing."""
+    to average, a parameter of an unsupported dtype or a pattern that matches nothing.
+    ``frozen``: what frozen parameters become: ``"share"``, ``"copy"`` or ``"average"``
+    (``exclude=`` and ``copy=`` patterns come first)."""
     excl = compile_patterns(exclude, "exclude")
     copies = compile_patterns(copy, "copy")
     used = set()
-    names, kinds, excluded, roles, forced_copy = [], [], [], {}, []
+    names, kinds, excluded, roles, shared = [], [], [], {}, []
     for s in sources:
         t, name = s.tensor, s.name
         hit = [p for p, match in excl if match(name)]
@@ -142,13 +160,15 @@ def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
             continue
         forced = [p for p, match in copies if match(name)]
         used.update(("copy", p) for p in forced)
+        if s.is_param and frozen == "share" and not forced and is_frozen(t):
+            shared.append(name)  # whatever its dtype: the EMA never reads it
+            roles[name] = "shared"
+            continue
         if t.dtype in FLOAT_DTYPES:
             if forced:
                 kind = "copy"
-                forced_copy.append(name)
             elif s.is_param:
-                frozen = isinstance(t, nn.Parameter) and not t.requires_grad
-                kind = "copy" if frozen else "average"
+                kind = "copy" if frozen == "copy" and is_frozen(t) else "average"
             else:
                 kind = "average" if buffers == "average" else "copy"
         elif s.is_param and (t.is_floating_point() or t.is_complex()):
@@ -166,22 +186,11 @@ def select(sources: Sequence[Source], *, buffers: str = "copy", exclude=None,
             raise ValueError(f"fused_ema: {what} pattern(s) {unused} match no parameter or "
                              "buffer of the model")
     param_names = {s.name for s in sources if s.is_param}
-    if not any(n in param_names and k != "other" for n, k in zip(names, kinds)):
-        if not any(s.tensor.dtype in FLOAT_DTYPES for s in sources if s.is_param):
-            raise ValueError("fused_ema: the model has no floating-point parameters; "
-                             "there is nothing to average")
+    if not any(s.tensor.dtype in FLOAT_DTYPES for s in sources if s.is_param):
+        raise ValueError("fused_ema: the model has no floating-point parameters; "
+                         "there is nothing to average")
+    if not shared and not any(n in param_names and k != "other" for n, k in zip(names, kinds)):
         raise ValueError(f"fused_ema: every floating-point parameter is excluded "
                          f"(exclude={[p for p, _ in excl]}); an update would touch no "
                          "parameter")
-    return Selection(names, kinds, sorted(excluded), roles, forced_copy)
-
-
-def refresh_frozen(selection: Selection, sources: Dict[str, torch.Tensor]) -> None:
-    """Re-reads ``requires_grad`` of the parameters (``FusedEMA.replan``)."""
-    forced = set(selection.forced_copy)
-    for i, n in enumerate(selection.names):
-        if selection.kinds[i] in ("average", "copy") and n in sources and n not in forced:
-            t = sources[n]
-            if isinstance(t, nn.Parameter):
-                selection.kinds[i] = "average" if t.requires_grad else "copy"
-                selection.roles[n] = selection.kinds[i]
+    return Selection(names, kinds, sorted(excluded), roles, shared)

@@ -68,7 +68,7 @@ def test_multi_decay_zero_replaces_non_finite_ema(engine, param_dtype, as_tensor
 def test_frozen_parameter_recovers_from_nan(engine):
     model = nn.Linear(4, 3)
     model.bias.requires_grad_(False)  # frozen: copied at every update
-    ema = FusedEMA(model, decay=0.9)
+    ema = FusedEMA(model, decay=0.9, frozen="copy")
     with torch.no_grad():
         model.bias.fill_(float("nan"))
     ema.update()

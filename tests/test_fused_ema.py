@@ -499,7 +499,7 @@ def test_exclude_names_patterns_prefixes_and_regex():
 def test_frozen_parameters_are_copied():
     model = make_model()
     model[0].weight.requires_grad_(False)
-    ema = FusedEMA(model, decay=0.5)
+    ema = FusedEMA(model, decay=0.5, frozen="copy")
     perturb(model, torch.Generator().manual_seed(0))
     ema.update()
     assert torch.equal(ema.module[0].weight, model[0].weight)  # copied
@@ -514,10 +514,12 @@ def test_frozen_parameters_are_copied():
     assert_matches(ema.module, ref)
 
 
-def test_all_frozen_warns():
+@pytest.mark.parametrize("frozen, says", [("copy", "only copies"),
+                                          ("share", "shares them with the model")])
+def test_all_frozen_warns(frozen, says):
     model = make_model().requires_grad_(False)
-    with pytest.warns(UserWarning, match="only copies"):
-        FusedEMA(model, decay=0.9)
+    with pytest.warns(UserWarning, match=says):
+        FusedEMA(model, decay=0.9, frozen=frozen)
 
 
 # ----------------------------------------------------------------------------- replaced tensors

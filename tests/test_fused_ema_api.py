@@ -421,3 +421,296 @@ def test_unpickled_ema_under_torch_compile():
         ref_update(ref, model, 0.5)
     for n, t in state(ema.module).items():
         torch.testing.assert_close(t, ref[n], **TOL, msg=n)
+
+
+# ----------------------------------------------------------------------------- frozen= (issue 17)
+
+FROZEN = ("0.weight", "0.bias")
+
+
+def frozen_model(seed=0):
+    """make_model with its first layer frozen (a LoRA base in miniature)."""
+    model = make_model(seed)
+    model[0].requires_grad_(False)
+    return model
+
+
+def owned_bytes(ema):
+    return sum(t.numel() * t.element_size() for t in ema.state_dict()["emas"][0].values())
+
+
+@pytest.mark.parametrize("frozen", ["share", "copy", "average"])
+def test_frozen_modes(frozen):
+    model = frozen_model()
+    ema = FusedEMA(model, decays=[0.5, 0.9], frozen=frozen)
+    refs = [state(m) for m in ema.modules]
+    for _ in range(3):
+        bump(model)  # the frozen layer moves too (changed by hand): each mode shows its rule
+        ema.update()
+        for ref, d in zip(refs, (0.5, 0.9)):
+            ref_update(ref, model, d,
+                       average=lambda n: frozen == "average" or n not in FROZEN)
+    for m, ref in zip(ema.modules, refs):
+        assert_state(m, ref)
+    for m in ema.modules:
+        assert (m[0].weight is model[0].weight) == (frozen == "share")
+        assert not m[0].weight.requires_grad and not m.training
+    saved = ema.state_dict()["emas"]
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    frozen_bytes = sum(model.state_dict()[n].numel() * 4 for n in FROZEN)
+    for sd in saved:
+        assert all((n in sd) == (frozen != "share") for n in FROZEN)
+    assert owned_bytes(ema) == model_bytes - (frozen_bytes if frozen == "share" else 0)
+    names = [n for n, _, _ in ema.named_pairs()]
+    assert all((n in names) == (frozen != "share") for n in FROZEN)
+    assert ema.state_dict()["settings"]["frozen"] == frozen
+    assert f"frozen={frozen!r}" in repr(ema)
+
+
+def test_frozen_default_is_share():
+    model = frozen_model()
+    assert FusedEMA(model, decay=0.5).module[0].weight is model[0].weight
+
+
+def test_shared_tensors_are_skipped_by_swaps_and_copies():
+    model, other = frozen_model(0), frozen_model(1)
+    ema = FusedEMA(model, decay=0.5)
+    bump(model)
+    ema.update()
+    bump(model)
+    model.eval()
+    x = torch.randn(4, 5)
+    with torch.no_grad(), ema.swapped():
+        torch.testing.assert_close(ema.module(x), model(x))  # a complete model
+        assert model[0].weight is ema.module[0].weight
+    assert not torch.equal(ema.module(x), model(x))  # the swap was undone
+    for how in ("copy_to", "swapped", "store"):
+        target = copy.deepcopy(other)
+        before = snapshot(target)
+        if how == "copy_to":
+            ema.copy_to(target)
+        elif how == "store":
+            ema.store(target)
+            ema.copy_to(target)
+        else:
+            swap = ema.swapped(target)
+            swap.__enter__()
+        for n, t in target.state_dict().items():  # what the EMA owns, and only that
+            assert torch.equal(t, (before if n in FROZEN else ema.module.state_dict())[n]), n
+        if how == "store":
+            ema.restore()
+        elif how == "swapped":
+            swap.__exit__(None, None, None)
+        if how != "copy_to":
+            assert_same(snapshot(target), before)
+
+
+def test_replan_after_unfreezing_and_freezing():
+    model = frozen_model()
+    ema = FusedEMA(model, decays=[0.5, 0.9])
+    refs = [state(m) for m in ema.modules]
+    bump(model)
+    model[0].requires_grad_(True)
+    model[3].requires_grad_(False)
+    ema.replan()
+    for m, ref in zip(ema.modules, refs):  # unfrozen: its own EMA, from the current value
+        assert m[0].weight is not model[0].weight and not m[0].weight.requires_grad
+        assert m[3].weight is model[3].weight  # frozen: its copy dropped
+        for n in FROZEN:
+            ref[n] = model.state_dict()[n].double().clone()
+            assert torch.equal(m.state_dict()[n], model.state_dict()[n])
+    assert ema.modules[0][0].weight is not ema.modules[1][0].weight
+    for _ in range(2):
+        bump(model)
+        ema.update()
+        for ref, d in zip(refs, (0.5, 0.9)):
+            ref_update(ref, model, d, average=lambda n: not n.startswith("3."))
+    for m, ref in zip(ema.modules, refs):
+        assert_state(m, ref)
+    assert sorted(n for n in ema.state_dict()["emas"][0] if n.startswith(("0.", "3."))) == \
+        ["0.bias", "0.weight"]
+
+
+def test_replan_keeps_a_tied_parameter_tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight  # one tensor under two names
+    model[0].weight.requires_grad_(False)
+    ema = FusedEMA(model, decay=0.5)
+    assert ema.module[0].weight is ema.module[1].weight is model[0].weight
+    model[0].weight.requires_grad_(True)
+    ema.replan()
+    assert ema.module[0].weight is ema.module[1].weight is not model[0].weight
+    model[0].weight.requires_grad_(False)
+    ema.replan()
+    assert ema.module[0].weight is ema.module[1].weight is model[0].weight
+
+
+def test_a_replaced_frozen_parameter_is_shared_again():
+    model = frozen_model()
+    ema = FusedEMA(model, decay=0.5)
+    ema.update()
+    model[0].weight = nn.Parameter(torch.randn(7, 5), requires_grad=False)
+    ema.update()  # the per-step check sees it, the rebind shares the new one
+    assert ema.module[0].weight is model[0].weight
+
+
+def test_share_state_dict_round_trip_and_older_checkpoints():
+    model = frozen_model()
+    ema = FusedEMA(model, decay=0.5)
+    bump(model)
+    ema.update()
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    fresh_model = copy.deepcopy(model)
+    fresh = FusedEMA(fresh_model, decay=0.5)
+    fresh.load_state_dict(sd)
+    assert_same(fresh.module.state_dict(), ema.module.state_dict())
+    assert fresh.module[0].weight is fresh_model[0].weight and fresh.step == 1
+    # a checkpoint of an older FusedEMA (frozen parameters copied, no "frozen" setting)
+    # loads: its copies are checked for their shape, the model's own stay
+    old_ema = FusedEMA(copy.deepcopy(model), decay=0.5, frozen="copy")
+    bump(old_ema._model)
+    old_ema.update()
+    old = old_ema.state_dict()
+    del old["settings"]["frozen"]
+    fresh.load_state_dict(old)
+    for n, t in fresh.module.state_dict().items():
+        want = fresh_model.state_dict()[n] if n in FROZEN else old["emas"][0][n]
+        assert torch.equal(t, want), n
+    assert fresh.module[0].weight is fresh_model[0].weight
+    # what does not fit is refused, nothing written
+    before = snapshot(fresh.module)
+    bad = copy.deepcopy(old)
+    bad["emas"][0]["0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \[2, 2\] in the checkpoint"):
+        fresh.load_state_dict(bad)
+    with pytest.raises(ValueError, match="frozen: checkpoint has 'share'"):
+        FusedEMA(copy.deepcopy(model), decay=0.5, frozen="copy").load_state_dict(sd)
+    averaged = FusedEMA(copy.deepcopy(model), decay=0.5, frozen="average").state_dict()
+    with pytest.raises(ValueError, match="frozen: checkpoint has 'average'"):
+        fresh.load_state_dict(averaged)
+    # saved while 0.* was trained, loaded while it is frozen
+    trained = FusedEMA(make_model(), decay=0.5).state_dict()
+    with pytest.raises(ValueError, match=r"unexpected \['0.weight', '0.bias'\].*replan"):
+        fresh.load_state_dict(trained)
+    assert_same(snapshot(fresh.module), before)
+
+
+def test_frozen_bad_input_builds_and_modifies_nothing():
+    model = frozen_model()
+    before = snapshot(model)
+    for bad in ("shared", None, "Share", 1):
+        with pytest.raises(ValueError, match="frozen must be one of"):
+            FusedEMA(model, decay=0.5, frozen=bad)
+    with pytest.raises(ValueError, match=r"frozen='share'.*'0.weight'.*model's device \(cpu\), "
+                                         r"not meta.*frozen='copy'"):
+        FusedEMA(model, decay=0.5, device="meta")
+    assert_same(snapshot(model), before)
+    assert not model[0].weight.requires_grad and model[3].weight.requires_grad
+    ema = FusedEMA(model, decay=0.5)
+    ema_before = snapshot(ema.module)
+    with pytest.raises(ValueError, match="frozen='share'.*not meta"):
+        ema.to("meta")
+    assert_same(snapshot(ema.module), ema_before)
+    assert all(t.device.type == "cpu" for t in ema.module.state_dict().values())
+    bump(model)
+    ema.update()  # still works
+
+
+def test_share_keeps_the_models_dtype_and_to_casts_only_what_the_ema_owns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    ema = FusedEMA(model, decay=0.5)  # an fp32 EMA of a bf16 model
+    assert ema.module[0].weight.dtype == torch.bfloat16  # the model's own
+    assert ema.module[2].weight.dtype == torch.float32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    ema.update()
+    x = torch.randn(4, 5, dtype=torch.bfloat16)
+    # autocast computes both in bf16 (a linear layer casts its fp32 EMA weights as the
+    # swap's copy into the bf16 model rounds them): the same numbers
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ema.module(x)
+        with ema.swapped():
+            want = model(x)
+    torch.testing.assert_close(got, want)
+    ema.to(dtype=torch.float64)
+    assert ema.module[2].weight.dtype == torch.float64
+    assert ema.module[0].weight.dtype == model[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_shared_tensors_stay_shared_in_copies(how):
+    model = frozen_model()
+    ema = FusedEMA(model, decay=0.5)
+    if how == "deepcopy":
+        model2, ema2 = copy.deepcopy((model, ema))
+    else:
+        model2, ema2 = pickle.loads(pickle.dumps((model, ema)))
+    assert ema2.module[0].weight is model2[0].weight is not model[0].weight
+    assert ema2._model is model2
+    alone = copy.deepcopy(ema)  # carries its own copy of the model, shared with that
+    assert alone.module[0].weight is alone._model[0].weight is not model[0].weight
+    before = snapshot(ema.module)
+    ref = state(ema2.module)
+    bump(model2)
+    ema2.update()
+    ref_update(ref, model2, 0.5, average=lambda n: n not in FROZEN)
+    assert_state(ema2.module, ref)
+    assert_same(snapshot(ema.module), before)
+
+
+def test_every_parameter_frozen_and_shared():
+    model = nn.Linear(4, 3).requires_grad_(False)
+    with pytest.warns(UserWarning, match="shares them with the model"):
+        ema = FusedEMA(model, decay=0.5)
+    ema.update()
+    assert ema.state_dict()["emas"][0] == {}
+    model.weight.requires_grad_(True)
+    ema.replan()
+    ref = state(ema.module)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    ref_update(ref, model, 0.5, average=lambda n: n == "weight")
+    assert_state(ema.module, ref)
+    assert list(ema.state_dict()["emas"][0]) == ["weight"]
+
+
+def test_share_with_a_tensor_list_and_a_given_ema_model():
+    frozen_p = nn.Parameter(torch.empty(3, device="meta"), requires_grad=False)  # not copyable
+    trained = nn.Parameter(torch.randn(4))
+    ema = FusedEMA([trained, frozen_p], decay=0.5)
+    assert ema.parameters()[1] is frozen_p and ema.parameters()[0] is not trained
+    assert list(ema.state_dict()["emas"][0]) == ["0"]
+    model = Hooked()
+    model.lin.bias.requires_grad_(False)
+    mine = Hooked()
+    ema = FusedEMA(model, decay=0.5, ema_model=mine)
+    assert mine.lin.bias is model.lin.bias and mine.lin.weight is not model.lin.weight
+
+
+def test_shared_tensors_are_never_copied():
+    """A frozen base the EMA could not copy (on the meta device, as an offloaded base is;
+    an int8 one, as a quantized base is) is shared as it is: no copy is made, not even one
+    dropped later."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(torch.empty(4, 4, device="meta"), requires_grad=False)
+    model[1].bias = nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(NotImplementedError):  # what a copy of the base would do
+        FusedEMA(model, decay=0.5, frozen="copy")
+    ema = FusedEMA(model, decay=0.5)
+    assert ema.module[1].weight is model[1].weight and ema.module[1].bias is model[1].bias
+    assert list(ema.state_dict()["emas"][0]) == ["0.weight", "0.bias"]
+    ref = state(ema.module[0])
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()
+    ref_update(ref, model[0], 0.5)
+    assert_state(ema.module[0], ref)

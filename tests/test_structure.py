@@ -44,23 +44,27 @@ def assert_state(module, state):
 
 # ----------------------------------------------------------------------------- selection
 
-def test_selection_is_a_pure_description():
+@pytest.mark.parametrize("frozen", ["share", "copy", "average"])
+def test_selection_is_a_pure_description(frozen):
     model = make_model()
     model[3].bias.requires_grad_(False)
+    model[1].weight.requires_grad_(False)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     sel = selection.select(selection.walk(model), buffers="copy", exclude=["0.bias"],
-                           copy=["*.running_var"])
+                           copy=["*.running_var", "1.weight"], frozen=frozen)
     assert sel.excluded == ["0.bias"]
+    frozen_role = {"share": "shared", "copy": "copy", "average": "average"}[frozen]
     assert sel.roles == {
-        "0.weight": "average", "0.bias": "excluded", "1.weight": "average",
+        "0.weight": "average", "0.bias": "excluded", "1.weight": "copy",  # copy= first
         "1.bias": "average", "1.running_mean": "copy", "1.running_var": "copy",
-        "1.num_batches_tracked": "other", "3.weight": "average", "3.bias": "copy"}
-    assert sel.names == [n for n, r in sel.roles.items() if r != "excluded"]
+        "1.num_batches_tracked": "other", "3.weight": "average", "3.bias": frozen_role}
+    assert sel.names == [n for n, r in sel.roles.items() if r not in ("excluded", "shared")]
+    assert sel.shared == (["3.bias"] if frozen == "share" else [])
     sel_avg = selection.select(selection.walk(model), buffers="average",
-                               copy=["*.running_var"])
+                               copy=["*.running_var"], frozen=frozen)
     assert sel_avg.roles["1.running_mean"] == "average"
     assert sel_avg.roles["1.running_var"] == "copy"  # copy= wins over buffers="average"
-    assert selection.select(selection.walk(model), buffers="ignore").roles[
+    assert selection.select(selection.walk(model), buffers="ignore", frozen=frozen).roles[
         "1.running_mean"] == "ignored"
     for n, t in model.state_dict().items():  # the model is only read
         assert torch.equal(t, before[n])
@@ -69,9 +73,9 @@ def test_selection_is_a_pure_description():
 def test_selection_errors():
     model = make_model()
     with pytest.raises(ValueError, match=r"copy pattern\(s\) \['nothing\*'\] match no"):
-        selection.select(selection.walk(model), copy=["nothing*"])
+        selection.select(selection.walk(model), copy=["nothing*"], frozen="share")
     with pytest.raises(TypeError, match="copy takes names"):
-        selection.select(selection.walk(model), copy=[3])
+        selection.select(selection.walk(model), copy=[3], frozen="share")
 
 
 def test_walk_drops_wrapper_prefixes_and_ties():

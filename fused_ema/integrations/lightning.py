@@ -16,7 +16,10 @@ What differs: the update is ``ema.lerp_(param, 1 - decay)`` in one fused call (L
 ``AveragedModel`` computes ``decay * ema + (1 - decay) * param`` per tensor, one rounding
 more: within one ulp of the operands per update). Integer buffers (BatchNorm's
 ``num_batches_tracked``) are copied, not averaged and truncated. Parameters with
-``requires_grad=False`` are copied (``FusedEMA``'s rule). The EMA is built at
+``requires_grad=False`` are not averaged: the EMA module holds the model's own
+(``FusedEMA``'s ``frozen="share"``: no memory, no work per step) or, with ``device=``
+given, copies of them kept there (``frozen="copy"``; Lightning's ``AveragedModel`` holds a
+full copy on that device). The EMA is built at
 ``on_fit_start``, after the strategy has moved and sharded the model, so a model sharded
 with FSDP2 (``ModelParallelStrategy``, ``configure_model``) gets an EMA of its local
 shards (Lightning's callback warns and keeps a full unsharded copy).
@@ -105,7 +108,7 @@ class EMAWeightAveraging(_Callback):
             # n_averaged == 0), the later ones average with `decay`
             self.ema = FusedEMA(pl_module, decay=self.decay, update_after_step=1,
                                 buffers="average" if self._use_buffers else "copy",
-                                device=device)
+                                device=device, frozen="share" if device is None else "copy")
             if self._pending is not None:
                 self._load(self._pending, pl_module)
                 self._pending = None

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - the class is unusable without transfor
 
 class EMACallback(_Callback):
     """Keeps an EMA of the Trainer's model. ``decay``, ``update_after_step``,
-    ``update_every``, ``ema_dtype``, ``buffers``, ``device``: as ``FusedEMA``'s.
+    ``update_every``, ``ema_dtype``, ``buffers``, ``device``, ``frozen``: as ``FusedEMA``'s.
     ``evaluate_with_ema``: evaluate with the EMA weights during training.
     ``copy_at_end``: copy the EMA into the model when training ends.
     ``resume_from``: a checkpoint directory to load the EMA from (default: found from the
@@ -55,11 +55,11 @@ class EMACallback(_Callback):
 
     def __init__(self, decay=0.999, *, update_after_step: int = 0, update_every: int = 1,
                  ema_dtype: Optional[torch.dtype] = None, buffers: str = "copy",
-                 device=None, evaluate_with_ema: bool = True, copy_at_end: bool = True,
-                 resume_from: Optional[str] = None):
+                 device=None, frozen: str = "share", evaluate_with_ema: bool = True,
+                 copy_at_end: bool = True, resume_from: Optional[str] = None):
         self._kwargs = dict(decay=decay, update_after_step=update_after_step,
                             update_every=update_every, ema_dtype=ema_dtype, buffers=buffers,
-                            device=device)
+                            device=device, frozen=frozen)
         self.evaluate_with_ema = evaluate_with_ema
         self.copy_at_end = copy_at_end
         self.resume_from = resume_from
