@@ -137,10 +137,7 @@ class Binding:
                  entries: Sequence[Tuple[object, str, object]] = ()):
         num_decays = len(emas)
         src_device = model_device(names, kinds, srcs)
-        cross = src_device is not None and src_device != ema_device
-        if cross and capturable:
-            raise ValueError(f"fused_ema: capturable=True needs the model and the EMA on one "
-                             f"device; the model is on {src_device}, the EMA on {ema_device}")
+        cross = src_device is not None and src_device != ema_device  # placement: options.py
         pin = cross and ema_device.type == "cpu" and src_device.type == "cuda"
         # What the plans read: the model's tensors, or copies staged on the EMA's device.
         # Tensors they reach only through a copy or a 1-D view are watched instead.

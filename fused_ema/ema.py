@@ -292,11 +292,10 @@ class FusedEMA:
         src_device = model_device(names, kinds, srcs)
         distributed.check_device(src_device, self._device, floats)
         shared = self._selection.shared
-        if own and self._device_explicit:
-            check_placement(self._device, src_device, capturable=self.capturable,
-                            shared=shared)
         if own and src_device not in (None, self._device) and not self._device_explicit:
             self._move_ema(src_device)  # the model moved and the EMA follows it
+        check_placement(self._device, src_device, capturable=self.capturable,
+                        shared=shared if own else ())
         if own and shared:
             self._share({n: found[n][0] for n in shared})
         emas = [[e[n] for n in names] for e in map(self._ema_tensors, range(self.num_decays))]
