@@ -10,12 +10,11 @@ when a check fails.
 """
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 from . import distributed, schedules as _schedules
-from .schedules import Schedule
 from .selection import normalize
 from .validation import check_count
 

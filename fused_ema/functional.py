@@ -144,12 +144,6 @@ class EMAPlan:
         else:
             self._plan = _ext._C.Plan(self._tensors[len(params):], params, self.num_decays)
 
-    def first_stale(self) -> int:
-        """Index of the first tensor (in params..., emas... order) that was replaced or
-        resized since the plan was built, or -1 (the compiled plan checks this itself
-        before every update)."""
-        return validation.first_changed(self._tensors, self._keys)
-
     @property
     def emas(self) -> List[torch.Tensor]:
         """The first (for a single-decay plan, the only) EMA list."""
@@ -179,7 +173,7 @@ class EMAPlan:
         compiled plan's ``update_`` returns; ``FusedEMA`` then binds again)."""
         if self._plan is not None:
             return self._plan.update_(decays, decay_tensor, skip)
-        stale = self.first_stale()
+        stale = validation.first_changed(self._tensors, self._keys)  # the compiled plan's check
         if stale < 0:
             fallback.multi_ema_update_(self.emas_per_decay, self.params, decays, decay_tensor,
                                        skip, validated=True)
