@@ -13,7 +13,8 @@ namespace {
 void multi_ema_update_op(at::TensorList emas, at::TensorList params,
                          c10::ArrayRef<double> decays,
                          const std::optional<at::Tensor>& decay_tensor,
-                         const std::optional<at::Tensor>& skip) {
+                         const std::optional<at::Tensor>& skip, bool stochastic, int64_t seed,
+                         int64_t step, const std::optional<at::Tensor>& step_tensor) {
   // The lists say how many decays there are; make_update_args checks the count given.
   const bool has_tensor = decay_tensor.has_value() && decay_tensor->defined();
   int64_t num_decays = has_tensor ? decay_tensor->numel() : static_cast<int64_t>(decays.size());
@@ -21,30 +22,40 @@ void multi_ema_update_op(at::TensorList emas, at::TensorList params,
     num_decays = static_cast<int64_t>(emas.size() / params.size());
   }
   auto plan = cached_plan(emas, params, num_decays);
-  run_plan(*plan, make_update_args(*plan, decays, decay_tensor, skip));
+  run_plan(*plan, make_update_args(*plan, decays, decay_tensor, skip,
+                                   {stochastic, seed, step, step_tensor}));
 }
 
 void ema_update_op(at::TensorList emas, at::TensorList params, double decay,
                    const std::optional<at::Tensor>& decay_tensor,
-                   const std::optional<at::Tensor>& skip) {
-  multi_ema_update_op(emas, params, c10::ArrayRef<double>(decay), decay_tensor, skip);
+                   const std::optional<at::Tensor>& skip, bool stochastic, int64_t seed,
+                   int64_t step, const std::optional<at::Tensor>& step_tensor) {
+  multi_ema_update_op(emas, params, c10::ArrayRef<double>(decay), decay_tensor, skip,
+                      stochastic, seed, step, step_tensor);
 }
 
 // A plan bound to its tensors: built (and validated) once, then each update
 // first checks that none of them is stale (nothing is written if one is).
 class BoundPlan {
  public:
-  BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays)
+  // `stochastic`: every update rounds the (bf16) EMAs stochastically with `seed`.
+  BoundPlan(std::vector<at::Tensor> emas, std::vector<at::Tensor> params, int64_t num_decays,
+            bool stochastic, int64_t seed)
       : emas_(std::move(emas)), params_(std::move(params)),
-        plan_(build_plan(emas_, params_, num_decays)) {}
+        plan_(build_plan(emas_, params_, num_decays)), stochastic_(stochastic), seed_(seed) {
+    if (stochastic_) check_stochastic(*plan_);
+  }
 
   // -1 once updated; else the index of the first stale tensor (see first_stale),
-  // and nothing was written: the caller names it, or binds again.
+  // and nothing was written: the caller names it, or binds again. `step` (or
+  // `step_tensor`) keys stochastic rounding's random bits.
   int64_t update(const std::vector<double>& decays, const std::optional<at::Tensor>& decay_tensor,
-                 const std::optional<at::Tensor>& skip) const {
+                 const std::optional<at::Tensor>& skip, int64_t step,
+                 const std::optional<at::Tensor>& step_tensor) const {
     const int64_t stale = first_stale(*plan_, emas_, params_);
     if (C10_UNLIKELY(stale >= 0)) return stale;
-    run_plan(*plan_, make_update_args(*plan_, decays, decay_tensor, skip));
+    run_plan(*plan_, make_update_args(*plan_, decays, decay_tensor, skip,
+                                      {stochastic_, seed_, step, step_tensor}));
     return -1;
   }
 
@@ -53,6 +64,8 @@ class BoundPlan {
  private:
   std::vector<at::Tensor> emas_, params_;
   std::shared_ptr<const Plan> plan_;
+  bool stochastic_;
+  int64_t seed_;
 };
 
 // Where CPython keeps a dict version tag (PEP 509, up to 3.13), an owner dict
@@ -174,9 +187,11 @@ bool compiled_with_openmp() {
 
 TORCH_LIBRARY(fused_ema, m) {
   m.def("ema_update_(Tensor(a!)[] emas, Tensor[] params, float decay, "
-        "Tensor? decay_tensor=None, Tensor? skip=None) -> ()");
+        "Tensor? decay_tensor=None, Tensor? skip=None, bool stochastic=False, int seed=0, "
+        "int step=0, Tensor? step_tensor=None) -> ()");
   m.def("multi_ema_update_(Tensor(a!)[] emas, Tensor[] params, float[] decays, "
-        "Tensor? decay_tensor=None, Tensor? skip=None) -> ()");
+        "Tensor? decay_tensor=None, Tensor? skip=None, bool stochastic=False, int seed=0, "
+        "int step=0, Tensor? step_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_ema, CPU, m) {
@@ -195,11 +210,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using fused_ema::BoundPlan;
   py::class_<BoundPlan>(m, "Plan", "A validated chunk plan bound to its tensors.")
-      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t>(),
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, bool, int64_t>(),
            py::arg("emas"), py::arg("params"), py::arg("num_decays"),
+           py::arg("stochastic") = false, py::arg("seed") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("update_", &BoundPlan::update, py::arg("decays"), py::arg("decay_tensor"),
-           py::arg("skip"), py::call_guard<py::gil_scoped_release>())
+           py::arg("skip"), py::arg("step") = 0, py::arg("step_tensor") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_rows", [](const BoundPlan& b) { return b.plan().rows.size(); })
       .def_property_readonly("num_tensors", [](const BoundPlan& b) { return b.plan().num_tensors; })
       .def_property_readonly("num_decays", [](const BoundPlan& b) { return b.plan().num_decays; })

@@ -73,10 +73,14 @@ constexpr int pack_elements_many() {
 template <typename ema_t>
 using opmath_t = typename OpMath<ema_t>::type;
 
-template <typename ema_t, typename param_t>
-__device__ __forceinline__ void update_one(ema_t* e, param_t p, opmath_t<ema_t> w) {
+// `round` writes the new value (ema_math.h: RoundNearest, or RoundStochastic
+// for a bf16 EMA, which takes the element's index `idx` in the row).
+template <typename ema_t, typename param_t, typename Round>
+__device__ __forceinline__ void update_one(ema_t* e, param_t p, opmath_t<ema_t> w, Round round,
+                                           int idx) {
   using T = opmath_t<ema_t>;
-  *e = static_cast<ema_t>(ema_lerp<T>(static_cast<T>(*e), static_cast<T>(p), w));
+  *e = round.template round<ema_t>(ema_lerp<T>(static_cast<T>(*e), static_cast<T>(p), w),
+                                   static_cast<uint32_t>(idx));
 }
 
 // `p` is a register copy, loaded before the EMA is touched: a reference to
@@ -84,9 +88,9 @@ __device__ __forceinline__ void update_one(ema_t* e, param_t p, opmath_t<ema_t> 
 // every store (it cannot prove that param and EMA do not alias). The EMA side
 // goes 16 bytes at a time (or all of it when narrower): with several decays,
 // an fp64 EMA of a 16-bit or fp32 param takes two 16-byte accesses.
-template <int N, typename ema_t, typename param_t>
+template <int N, typename ema_t, typename param_t, typename Round>
 __device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t, N> p,
-                                            opmath_t<ema_t> w) {
+                                            opmath_t<ema_t> w, Round round, int idx) {
   using T = opmath_t<ema_t>;
   constexpr int kPiece = (N * sizeof(ema_t) > 16) ? 16 / sizeof(ema_t) : N;
 #pragma unroll
@@ -94,8 +98,9 @@ __device__ __forceinline__ void update_pack(ema_t* e, const Pack<param_t, N> p,
     Pack<ema_t, kPiece> ev = *reinterpret_cast<const Pack<ema_t, kPiece>*>(e + i);
 #pragma unroll
     for (int j = 0; j < kPiece; ++j) {
-      ev.v[j] = static_cast<ema_t>(
-          ema_lerp<T>(static_cast<T>(ev.v[j]), static_cast<T>(p.v[i + j]), w));
+      ev.v[j] = round.template round<ema_t>(
+          ema_lerp<T>(static_cast<T>(ev.v[j]), static_cast<T>(p.v[i + j]), w),
+          static_cast<uint32_t>(idx + i + j));
     }
     *reinterpret_cast<Pack<ema_t, kPiece>*>(e + i) = ev;
   }
@@ -167,9 +172,9 @@ __device__ __forceinline__ void for_segment(const RowSplit& split, int seg, int 
 }
 
 // One decay (the common case): both types known, everything in registers.
-template <typename param_t, typename ema_t>
+template <typename param_t, typename ema_t, typename Round>
 __device__ void update_segment_one(const param_t* param, ema_t* ema, int length, int seg,
-                                   int lane, opmath_t<ema_t> w) {
+                                   int lane, opmath_t<ema_t> w, Round round) {
   constexpr int N = pack_elements<param_t, ema_t>();
   // Both arrays' packs are N * size <= 16 bytes, aligned to their size, so
   // each array's alignment repeats every N elements: the row's head is their
@@ -187,8 +192,8 @@ __device__ void update_segment_one(const param_t* param, ema_t* ema, int length,
   const auto run = [&](opmath_t<ema_t> wt) {
     for_segment<N>(
         split, seg, lane,
-        [&](int idx) { update_pack<N>(ema + idx, load_pack<N>(param + idx), wt); },
-        [&](int idx) { update_one(ema + idx, param[idx], wt); });
+        [&](int idx) { update_pack<N>(ema + idx, load_pack<N>(param + idx), wt, round, idx); },
+        [&](int idx) { update_one(ema + idx, param[idx], wt, round, idx); });
   };
   if (w == opmath_t<ema_t>(0)) return;
   if (w == opmath_t<ema_t>(1)) {
@@ -198,6 +203,31 @@ __device__ void update_segment_one(const param_t* param, ema_t* ema, int length,
   } else {
     run(w);
   }
+}
+
+// Calls f with the rounding of EMA `tensor` (k * num_tensors + i) on `row`:
+// RoundStochastic when asked for (make_update_args allowed it for bf16 EMAs
+// only), else RoundNearest. The branch is uniform over the grid.
+template <typename ema_t, typename F>
+__device__ __forceinline__ void with_rounding(const UpdateArgs& args, uint64_t skey,
+                                              int64_t tensor, const Row& row, F&& f) {
+  if constexpr (std::is_same_v<ema_t, c10::BFloat16>) {
+    if (args.stochastic) {
+      return f(RoundStochastic{
+          element_key(skey, tensor, static_cast<uint32_t>(row.start >> 32)),
+          static_cast<uint32_t>(row.start)});
+    }
+  }
+  f(RoundNearest{});
+}
+
+// This update's step_key (ema_math.h), the step read on the device when given
+// as a tensor; 0 when the rounding is to nearest.
+__device__ __forceinline__ uint64_t update_step_key(const UpdateArgs& args) {
+  if (!args.stochastic) return 0;
+  const int64_t step =
+      args.step_ptr != nullptr ? read_step(args.step_ptr, args.step_kind) : args.step;
+  return step_key(args.seed, step);
 }
 
 // The EMA of decay k for a row, as raw bytes at the row's first element.
@@ -211,7 +241,7 @@ __device__ __forceinline__ char* ema_row(const EmaSlot& es, const Row& row) {
 template <typename param_t>
 __device__ void update_segment_many(const param_t* param, const EmaSlot* emas, const Row& row,
                                     int64_t num_tensors, int num_decays, const double* decays,
-                                    int seg, int lane) {
+                                    const UpdateArgs& args, uint64_t skey, int seg, int lane) {
   constexpr int N = pack_elements_many<param_t>();
   const int length = row.length;
   const EmaSlot* slots = emas + row.tensor;  // decay k: slots[k * num_tensors]
@@ -234,8 +264,10 @@ __device__ void update_segment_many(const param_t* param, const EmaSlot* emas, c
           const EmaSlot es = slots[k * num_tensors];
           dispatch_dtype(es.dtype, [&](auto* tag) {
             using ema_t = std::remove_pointer_t<decltype(tag)>;
-            update_pack<N>(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
-                           lerp_weight<opmath_t<ema_t>>(decays[k]));
+            with_rounding<ema_t>(args, skey, k * num_tensors + row.tensor, row, [&](auto round) {
+              update_pack<N>(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
+                             lerp_weight<opmath_t<ema_t>>(decays[k]), round, idx);
+            });
           });
         }
       },
@@ -245,8 +277,10 @@ __device__ void update_segment_many(const param_t* param, const EmaSlot* emas, c
           const EmaSlot es = slots[k * num_tensors];
           dispatch_dtype(es.dtype, [&](auto* tag) {
             using ema_t = std::remove_pointer_t<decltype(tag)>;
-            update_one(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
-                       lerp_weight<opmath_t<ema_t>>(decays[k]));
+            with_rounding<ema_t>(args, skey, k * num_tensors + row.tensor, row, [&](auto round) {
+              update_one(global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))) + idx, p,
+                         lerp_weight<opmath_t<ema_t>>(decays[k]), round, idx);
+            });
           });
         }
       });
@@ -313,10 +347,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   double* decays = shared_decays();
   if (!read_update_args(args, decays)) return;
   const opmath_t<ema_t> w = lerp_weight<opmath_t<ema_t>>(decays[0]);
+  const uint64_t skey = update_step_key(args);
   for_each_segment(rows, num_rows, [&](const Row& row, int seg, int lane) {
     const param_t* param = global_ptr(static_cast<const param_t*>(params[row.tensor].ptr));
     ema_t* ema = global_ptr(static_cast<ema_t*>(emas[row.tensor].ptr));
-    update_segment_one(param + row.start, ema + row.start, row.length, seg, lane, w);
+    with_rounding<ema_t>(args, skey, row.tensor, row, [&](auto round) {
+      update_segment_one(param + row.start, ema + row.start, row.length, seg, lane, w, round);
+    });
   });
 }
 
@@ -329,20 +366,24 @@ __global__ void __launch_bounds__(kThreads, kMixedMinBlocksPerSM)
                             int64_t num_rows, int64_t num_tensors, UpdateArgs args) {
   double* decays = shared_decays();
   if (!read_update_args(args, decays)) return;
+  const uint64_t skey = update_step_key(args);
   for_each_segment(rows, num_rows, [&](const Row& row, int seg, int lane) {
     const ParamSlot ps = params[row.tensor];
     dispatch_dtype(ps.dtype, [&](auto* tag) {
       using param_t = std::remove_pointer_t<decltype(tag)>;
       const param_t* param = global_ptr(static_cast<const param_t*>(ps.ptr) + row.start);
       if constexpr (kManyDecays) {
-        update_segment_many(param, emas, row, num_tensors, args.num_decays, decays, seg, lane);
+        update_segment_many(param, emas, row, num_tensors, args.num_decays, decays, args, skey,
+                            seg, lane);
       } else {
         const EmaSlot es = emas[row.tensor];
         dispatch_dtype(es.dtype, [&](auto* etag) {
           using ema_t = std::remove_pointer_t<decltype(etag)>;
-          update_segment_one(param, global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))),
-                             row.length, seg, lane,
-                             lerp_weight<opmath_t<ema_t>>(decays[0]));
+          with_rounding<ema_t>(args, skey, row.tensor, row, [&](auto round) {
+            update_segment_one(param, global_ptr(reinterpret_cast<ema_t*>(ema_row(es, row))),
+                               row.length, seg, lane, lerp_weight<opmath_t<ema_t>>(decays[0]),
+                               round);
+          });
         });
       }
     });

@@ -3,6 +3,11 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
+
+#include <cstdint>
+#include <type_traits>
 
 namespace fused_ema {
 
@@ -74,5 +79,82 @@ template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T lerp_weight(double decay) {
   return static_cast<T>(1.0 - decay);
 }
+
+
+// ---- Stochastic rounding of a bfloat16 EMA ----------------------------------
+// A bf16 EMA rounded to nearest stops moving once (1 - decay) * (param - ema)
+// is below half its ulp: at decay 0.999 that is any change under ~2^-9 of the
+// value. Rounded stochastically it moves by the right amount on average.
+//
+// The random bits are a pure function of (seed, step, tensor, element), so the
+// CPU kernel, the CUDA kernels and the fallback give the same bits, a resumed
+// run continues bit for bit, and a CUDA graph replays them (the step read from
+// the device). A key per (tensor, 2^32-element block) comes from splitmix64's
+// finaliser chained over the inputs (once per row); the element's 32 bits come
+// from one keyed 32-bit mix (Wellons' lowbias32: two multiplies, three
+// xor-shifts), cheap enough to vectorise on the CPU.
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= UINT64_C(0xbf58476d1ce4e5b9);
+  x ^= x >> 27;
+  x *= UINT64_C(0x94d049bb133111eb);
+  return x ^ (x >> 31);
+}
+
+// The part of the key that one update shares: (seed, step).
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint64_t step_key(uint64_t seed, int64_t step) {
+  return mix64(mix64(seed + UINT64_C(0x9e3779b97f4a7c15)) ^ static_cast<uint64_t>(step));
+}
+
+// The key of elements [hi * 2^32, (hi + 1) * 2^32) of tensor `tensor` (emas[k][i]
+// is tensor k * num_tensors + i) in that update.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t element_key(uint64_t step_key, int64_t tensor,
+                                                       uint32_t hi) {
+  return static_cast<uint32_t>(mix64(mix64(step_key ^ static_cast<uint64_t>(tensor)) ^ hi));
+}
+
+// 32 random bits for element `lo` (its index modulo 2^32) under `key`.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t random_bits(uint32_t key, uint32_t lo) {
+  uint32_t x = lo ^ key;
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  return x ^ (x >> 16);
+}
+
+// `value` rounded to bf16 up or down in magnitude, up with probability equal to
+// the dropped fraction of an ulp: the top 16 random bits are added below the
+// kept bits and the sum truncated (exact values stay exact; past the largest
+// finite bf16 the sum carries into inf, as round-to-nearest would). NaN gives
+// the canonical NaN: adding to a NaN's payload could carry into the sign bit.
+C10_HOST_DEVICE C10_ALWAYS_INLINE c10::BFloat16 round_bf16_stochastic(float value,
+                                                                      uint32_t random) {
+  uint32_t bits = c10::bit_cast<uint32_t>(value);
+  const bool nan = (bits & 0x7fffffffU) > 0x7f800000U;
+  bits = nan ? 0x7fc00000U : bits + (random >> 16);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+// How an update writes the new EMA value (computed in opmath_t): to nearest, as
+// static_cast does, or, for a bf16 EMA, stochastically with the bits of element
+// `first + j` under `key` (j: the element's index in the span being updated).
+struct RoundNearest {
+  template <typename ema_t, typename T>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE ema_t round(T value, uint32_t /*j*/) const {
+    return static_cast<ema_t>(value);
+  }
+};
+struct RoundStochastic {
+  uint32_t key;
+  uint32_t first;
+  template <typename ema_t, typename T>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE ema_t round(T value, uint32_t j) const {
+    static_assert(std::is_same_v<ema_t, c10::BFloat16> && std::is_same_v<T, float>,
+                  "stochastic rounding is for bf16 EMAs");
+    return round_bf16_stochastic(value, random_bits(key, first + j));
+  }
+};
 
 }  // namespace fused_ema

@@ -202,6 +202,11 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
       plan->emas[k * n + i] = {e.data_ptr(), *to_dtype(e.scalar_type()), 0};
       plan->one_dtype_pair = plan->one_dtype_pair &&
                              plan->emas[k * n + i].dtype == plan->emas[0].dtype;
+      const int64_t j = k * n + i;  // the lowest j: emas[0][...] first, as validation.py
+      if (plan->emas[j].dtype != DType::BFloat16 &&
+          (plan->first_non_bf16_ema < 0 || j < plan->first_non_bf16_ema)) {
+        plan->first_non_bf16_ema = j;
+      }
       const auto ebegin = reinterpret_cast<uintptr_t>(e.data_ptr());
       if (e.numel() > 0) {
         ema_spans.push_back({ebegin, ebegin + e.numel() * e.element_size(), k, i});
@@ -374,9 +379,21 @@ void check_decay_value(double d, int64_t k) {
 
 }  // namespace
 
+void check_stochastic(const Plan& plan) {
+  const int64_t j = plan.first_non_bf16_ema;
+  if (j < 0) return;
+  const int64_t n = plan.num_tensors;
+  const DType d = plan.emas[j].dtype;
+  TORCH_CHECK_VALUE(false, "fused_ema: ", ema_name(plan.num_decays, j / n, j % n), " is ",
+                    d == DType::Float ? "float32" : d == DType::Half ? "float16" : "float64",
+                    "; rounding='stochastic' is for bfloat16 EMAs (round to nearest, the "
+                    "default, for the others)");
+}
+
 UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
                             const std::optional<at::Tensor>& decay_tensor,
-                            const std::optional<at::Tensor>& skip) {
+                            const std::optional<at::Tensor>& skip,
+                            const Rounding& rounding) {
   UpdateArgs args;
   args.num_decays = plan.num_decays;
   const bool multi = plan.num_decays > 1;
@@ -425,6 +442,30 @@ UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
     } else {
       args.skip_ptr = s.data_ptr();
       args.skip_kind = *kind;
+    }
+  }
+  if (rounding.stochastic) {
+    check_stochastic(plan);
+    args.stochastic = true;
+    args.seed = static_cast<uint64_t>(rounding.seed);
+    args.step = rounding.step;
+    if (rounding.step_tensor.has_value() && rounding.step_tensor->defined()) {
+      const at::Tensor& t = *rounding.step_tensor;
+      TORCH_CHECK_VALUE(t.numel() == 1, "fused_ema: step must hold one value, got ", t.numel());
+      TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+                       "fused_ema: a step tensor must be int64 or int32, got ",
+                       torch_name(t.scalar_type()));
+      TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == plan.device ||
+                            plan.num_tensors == 0,
+                        "fused_ema: the step tensor is on ", t.device(),
+                        " but the EMAs are on ", plan.device);
+      const ScalarKind kind = *to_scalar_kind(t.scalar_type());
+      if (t.device().is_cpu()) {
+        args.step = read_step(t.data_ptr(), kind);  // host memory: no sync
+      } else {
+        args.step_ptr = t.data_ptr();
+        args.step_kind = kind;
+      }
     }
   }
   return args;

@@ -79,6 +79,23 @@ struct UpdateArgs {
   const void* skip_ptr = nullptr;  // a device flag: update nothing when *skip_ptr != 0
   ScalarKind skip_kind = ScalarKind::Bool;
   bool skipped = false;            // a host flag that was already read as set
+  // Stochastic rounding of bf16 EMAs (ema_math.h): the random bits are keyed by
+  // (seed, step, tensor, element); the step is a host value, or read from
+  // `step_ptr` (a tensor on the plan's device) when set.
+  bool stochastic = false;
+  uint64_t seed = 0;
+  int64_t step = 0;
+  const void* step_ptr = nullptr;
+  ScalarKind step_kind = ScalarKind::Int64;
+};
+
+// The rounding an update asks for: to nearest, or stochastic (bf16 EMAs only)
+// with a seed and this update's step (a host value, or a tensor of one integer).
+struct Rounding {
+  bool stochastic = false;
+  int64_t seed = 0;
+  int64_t step = 0;
+  std::optional<at::Tensor> step_tensor;
 };
 
 C10_HOST_DEVICE inline double read_scalar(const void* p, ScalarKind kind, int i) {
@@ -91,6 +108,12 @@ C10_HOST_DEVICE inline double read_scalar(const void* p, ScalarKind kind, int i)
     case ScalarKind::Double: return static_cast<const double*>(p)[i];
   }
   return 0.0;
+}
+
+// A step counter (int64 or int32), read exactly.
+C10_HOST_DEVICE inline int64_t read_step(const void* p, ScalarKind kind) {
+  return kind == ScalarKind::Int32 ? static_cast<const int32_t*>(p)[0]
+                                   : static_cast<const int64_t*>(p)[0];
 }
 
 // The identity of one tensor as far as a plan is concerned: a plan built for
@@ -116,6 +139,9 @@ struct Plan {
   // Every param has params[0]'s dtype and every EMA emas[0]'s: decided once here, so
   // the CUDA launch picks its kernel without walking the tensors on every update.
   bool one_dtype_pair = true;
+  // The first EMA (index into `emas`) that is not bf16, or -1: stochastic rounding
+  // is refused for such a plan, naming it.
+  int64_t first_non_bf16_ema = -1;
   c10::Device device = c10::Device(c10::kCPU);
   int64_t num_elements = 0;
   std::vector<TensorKey> key;      // params first, then emas (decay-major)
@@ -182,10 +208,16 @@ int64_t first_changed(at::TensorList tensors, const TensorKey* keys);
 // update checks before it writes anything (the caller names the tensor).
 int64_t first_stale(const Plan& plan, at::TensorList emas, at::TensorList params);
 
-// Checks decays and skip against the plan (values, count, device) and packs them.
+// Checks that `plan` can be rounded stochastically (every EMA bf16), naming the
+// first EMA that cannot.
+void check_stochastic(const Plan& plan);
+
+// Checks decays, skip and rounding against the plan (values, count, device) and
+// packs them.
 UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
                             const std::optional<at::Tensor>& decay_tensor,
-                            const std::optional<at::Tensor>& skip);
+                            const std::optional<at::Tensor>& skip,
+                            const Rounding& rounding = {});
 
 // Runs the update on the plan's device.
 void run_plan(const Plan& plan, const UpdateArgs& args);

@@ -30,16 +30,23 @@ if _C is not None:
     # devices, dtypes), so a bad call fails when traced, not later.
     from . import validation as _validation
 
+    def _validate_fake(emas_per_decay, params, stochastic):
+        _validation.validate(emas_per_decay, params, check_memory=False)
+        if stochastic:
+            _validation.check_stochastic(emas_per_decay)
+
     @torch.library.register_fake("fused_ema::ema_update_")
-    def _ema_update_fake(emas, params, decay, decay_tensor=None, skip=None):
-        _validation.validate([emas], params, check_memory=False)
+    def _ema_update_fake(emas, params, decay, decay_tensor=None, skip=None, stochastic=False,
+                         seed=0, step=0, step_tensor=None):
+        _validate_fake([emas], params, stochastic)
 
     @torch.library.register_fake("fused_ema::multi_ema_update_")
-    def _multi_ema_update_fake(emas, params, decays, decay_tensor=None, skip=None):
+    def _multi_ema_update_fake(emas, params, decays, decay_tensor=None, skip=None,
+                               stochastic=False, seed=0, step=0, step_tensor=None):
         n = len(params)
         k = len(emas) // n if n and len(emas) % n == 0 else 1
-        _validation.validate([emas[j * n:(j + 1) * n] for j in range(k)] if n else [emas], params,
-                           check_memory=False)
+        _validate_fake([emas[j * n:(j + 1) * n] for j in range(k)] if n else [emas], params,
+                       stochastic)
 
 
 def compiled_for(device_type: str) -> bool:

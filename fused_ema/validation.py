@@ -231,6 +231,64 @@ def update_args(num_decays: int, decays: Sequence[float], decay_tensor: Optional
     return (None if decay_tensor is not None else decays), decay_tensor, skipped, device_skip
 
 
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def check_rounding(rounding) -> bool:
+    """``"nearest"`` (the default) or ``"stochastic"`` (bf16 EMAs); True for stochastic."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"fused_ema: rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding == "stochastic"
+
+
+def check_seed(seed) -> int:
+    """A seed of stochastic rounding's random bits: an integer in [0, 2**63)."""
+    seed = check_count("seed", seed)
+    if seed >= 1 << 63:
+        raise ValueError(f"fused_ema: seed must be an integer in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_stochastic(emas_per_decay: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Stochastic rounding is for bf16 EMAs (``check_stochastic`` in plan.cpp)."""
+    num_decays = len(emas_per_decay)
+    for k, emas in enumerate(emas_per_decay):
+        for i, e in enumerate(emas):
+            if e.dtype != torch.bfloat16:
+                kind = str(e.dtype).replace("torch.", "")
+                raise ValueError(
+                    f"fused_ema: {ema_name(num_decays, k, i)} is {kind}; rounding='stochastic' "
+                    "is for bfloat16 EMAs (round to nearest, the default, for the others)")
+
+
+STEP_DTYPES = (torch.int64, torch.int32)
+
+
+def rounding_args(stochastic: bool, seed, step, device: Optional[torch.device]):
+    """Checks a stochastic update's seed and step (``make_update_args`` in plan.cpp) and
+    returns ``(seed, host step or None, step tensor or None)``: a step is an integer >= 0,
+    or a tensor of one int64/int32 value (a CPU one is read here; one on the EMAs' device
+    is read by the update: no host sync). ``None`` for an update rounded to nearest."""
+    if not stochastic:
+        return None
+    seed = check_seed(seed)
+    if step is None:
+        raise ValueError("fused_ema: rounding='stochastic' needs step= (this update's "
+                         "counter: with the seed, it keys the random bits)")
+    if not isinstance(step, torch.Tensor):
+        return seed, check_count("step", step), None
+    if step.numel() != 1:
+        raise ValueError(f"fused_ema: step must hold one value, got {step.numel()}")
+    if step.dtype not in STEP_DTYPES:
+        raise TypeError(f"fused_ema: a step tensor must be int64 or int32, got {step.dtype}")
+    if step.device.type == "cpu":
+        return seed, check_count("step", step), None
+    if device is not None and step.device != device:
+        raise ValueError(f"fused_ema: the step tensor is on {step.device} but the EMAs are on "
+                         f"{device}")
+    return seed, None, step.reshape(())
+
+
 SKIP_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)
 
 
