@@ -129,12 +129,16 @@ class Binding:
             stages the model's tensors there first).
         entries: ``(owner, key, object)`` for each object whose replacement means the model
             changed (tracked tensors in their module's dict, submodules in their parent's).
+        rounding, seed: how the averaged tensors' EMAs are rounded (``"stochastic"``: bf16
+            EMAs, random bits keyed by the seed and each update's step); copies round to
+            nearest.
     """
 
     def __init__(self, names: Sequence[str], kinds: Sequence[str],
                  srcs: Sequence[torch.Tensor], emas: Sequence[Sequence[torch.Tensor]],
                  ema_device: torch.device, capturable: bool,
-                 entries: Sequence[Tuple[object, str, object]] = ()):
+                 entries: Sequence[Tuple[object, str, object]] = (),
+                 rounding: str = "nearest", seed: int = 0):
         num_decays = len(emas)
         src_device = model_device(names, kinds, srcs)
         cross = src_device is not None and src_device != ema_device  # placement: options.py
@@ -167,7 +171,8 @@ class Binding:
             ps = [flat(distributed.local(plan_srcs[i])) for i in idx]
             es = [[flat(distributed.local(emas[k][i])) for i in idx] for k in range(num_decays)]
             try:
-                plan = EMAPlan.multi(es, ps)
+                plan = EMAPlan.multi(es, ps, rounding=rounding if kind == "average" else
+                                     "nearest", seed=seed)
             except (ValueError, TypeError, RuntimeError) as exc:
                 raise type(exc)(name_indices(str(exc), [names[i] for i in idx])) from None
             groups.append((kind, plan, ps, es))
@@ -175,6 +180,7 @@ class Binding:
         # (kind, call(decays, decay_tensor, skip) -> stale index or -1) for each group
         self._calls = [(kind, plan.try_update_) if plan._plan is None
                        else (kind, plan._plan.update_) for kind, plan, _, _ in groups]
+        self.rounding, self.seed = rounding, seed
         self.names = list(names)
         self.srcs = list(srcs)
         self.emas = [list(e) for e in emas]
@@ -204,27 +210,32 @@ class Binding:
         if self._pin_sync:
             torch.cuda.current_stream(self._staging[0][1].device).synchronize()
 
-    def run(self, decays, skip, start: int = 0) -> None:
+    def run(self, decays, skip, start: int = 0, step=0) -> None:
         """One update: ``decays`` is a list of host floats (one per EMA) or a tensor of
-        them; copy groups get zeros. Raises ``Stale(j)`` when group j found a tensor
-        changed (nothing of it written; the groups before it are updated)."""
+        them; copy groups get zeros. ``step``: the update's counter (an int, or a device
+        tensor), the key of stochastic rounding. Raises ``Stale(j)`` when group j found a
+        tensor changed (nothing of it written; the groups before it are updated)."""
         host = type(decays) is list
         zeros = self.zeros if host else self.zeros_t
+        step, step_t = (0, step) if isinstance(step, torch.Tensor) else (step, None)
         calls = self._calls
         for j in range(start, len(calls)):
             kind, call = calls[j]
             d = decays if kind == "average" else zeros
-            if (call(d, None, skip) if host else call([], d, skip)) >= 0:
+            if (call(d, None, skip, step, step_t) if host
+                    else call([], d, skip, step, step_t)) >= 0:
                 raise Stale(j)
         self.copy_others(skip)
 
-    def run_traced(self, decays, skip) -> None:
+    def run_traced(self, decays, skip, step) -> None:
         """The update as torch ops (dynamo traces them with their fake kernels, not the
         pybind plan)."""
         zeros = self.zeros_t
         for kind, _, ps, es in self.groups:
-            functional.multi_ema_update_(es, ps, decays if kind == "average" else zeros,
-                                         skip=skip)
+            average = kind == "average"
+            functional.multi_ema_update_(es, ps, decays if average else zeros, skip=skip,
+                                         rounding=self.rounding if average else "nearest",
+                                         seed=self.seed, step=step)
         self.copy_others(skip)
 
     def copy_others(self, skip) -> None:
@@ -247,7 +258,7 @@ class ListRun:
     makes a list given again cheap. ``pairs``: (tensor, EMA tensors per decay, kind)."""
     cross = False
 
-    def __init__(self, pairs, num_decays: int):
+    def __init__(self, pairs, num_decays: int, rounding: str = "nearest", seed: int = 0):
         groups = []
         for kind in ("average", "copy"):
             sel = [(t, es) for t, es, k in pairs if k == kind]
@@ -264,13 +275,16 @@ class ListRun:
         self._groups = groups
         self._others = [(t, es) for t, es, k in pairs if k == "other"]
         self._zeros = [0.0] * num_decays
+        self._rounding, self._seed = rounding, seed
 
-    def run(self, decays, skip, start: int = 0) -> None:
+    def run(self, decays, skip, start: int = 0, step=0) -> None:
         host = type(decays) is list
         zeros = self._zeros if host else torch.zeros_like(decays)
         for kind, ps, es in self._groups:
-            functional.multi_ema_update_(es, ps, decays if kind == "average" else zeros,
-                                         skip=skip)
+            average = kind == "average"
+            functional.multi_ema_update_(es, ps, decays if average else zeros, skip=skip,
+                                         rounding=self._rounding if average else "nearest",
+                                         seed=self._seed, step=step)
         with torch.no_grad():
             for t, es in self._others:
                 for e in es:

@@ -33,6 +33,8 @@ def settings(ema) -> Dict[str, Any]:
         "ema_dtype": None if ema.ema_dtype is None else str(ema.ema_dtype),
         "exclude": list(ema._selection.excluded),
         "frozen": ema.frozen,
+        "rounding": ema.rounding,
+        "seed": ema.seed,
     }
     if ema._copy_patterns:  # only when given: older checkpoints keep loading
         out["copy"] = list(ema._copy_patterns)
@@ -79,7 +81,10 @@ def load_state_dict(ema, state_dict: Dict[str, Any], strict: bool = True) -> Non
         raise ValueError(f"fused_ema: the checkpoint has no {' and no '.join(map(repr, missing))}"
                          " entry; it is not a whole FusedEMA.state_dict()")
     # older checkpoints copied the frozen parameters
-    saved, ours = {"frozen": "copy", **state_dict.get("settings", {})}, settings(ema)
+    # (and rounded to nearest)
+    saved = {"frozen": "copy", "rounding": "nearest", "seed": 0,
+             **state_dict.get("settings", {})}
+    ours = settings(ema)
     differ = [k for k, v in ours.items() if saved.get(k) != v]
     copies = (saved["frozen"], ours["frozen"]) == ("copy", "share")
     if copies:  # the checkpoint's copies of what this EMA shares: checked, not loaded

@@ -105,9 +105,11 @@ class FusedEMA:
         copy: Optional[Iterable[Union[str, "re.Pattern"]]] = None,
         ema_model: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
         frozen: str = "share",
+        rounding: str = "nearest",
+        seed: int = 0,
     ):
         opts = Options.check(decay, tau, decays, update_after_step, update_every, ema_dtype,
-                             buffers, capturable, frozen)
+                             buffers, capturable, frozen, rounding, seed)
         self._schedules: List[Schedule] = opts.schedules
         self.num_decays = len(opts.schedules)
         self.update_after_step = opts.update_after_step
@@ -116,6 +118,8 @@ class FusedEMA:
         self.ema_dtype = opts.ema_dtype
         self.capturable = opts.capturable
         self.frozen = opts.frozen
+        self.rounding = opts.rounding
+        self.seed = opts.seed
         self._device_explicit = device is not None
 
         # -- what happens to each tensor
@@ -156,7 +160,7 @@ class FusedEMA:
         check_placement(self._device, first.device, capturable=self.capturable,
                         shared=self._selection.shared)
         ema_copy.warn_if_frozen_by_rounding(sources, self._schedules, self.update_every,
-                                             self.ema_dtype)
+                                             self.ema_dtype, self.rounding)
         self.modules: Optional[List[nn.Module]] = None
         self._bare_emas: Optional[List[List[torch.Tensor]]] = None
         if given is not None:
@@ -258,7 +262,7 @@ class FusedEMA:
         return (f"FusedEMA(decays=[{sched}], tensors={len(self._selection.names)}, "
                 f"step={step}, update_after_step={self.update_after_step}, "
                 f"update_every={self.update_every}, buffers={self.buffers!r}, "
-                f"frozen={self.frozen!r}, device={self._device}, "
+                f"frozen={self.frozen!r}, rounding={self.rounding!r}, device={self._device}, "
                 f"capturable={self.capturable})")
 
     # ------------------------------------------------------------------ binding
@@ -308,7 +312,8 @@ class FusedEMA:
             entries = [(c, k, t) for t, c, k in (found[n] for n in names + shared)]
             entries += [(m._modules, k, c) for m in target.modules()
                         for k, c in m._modules.items() if c is not None]
-        return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries)
+        return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries,
+                       self.rounding, self.seed)
 
     def _share(self, model_tensors: Dict[str, torch.Tensor]) -> None:
         """Makes every EMA hold ``model_tensors`` (name -> the model's tensor) where it
@@ -448,7 +453,7 @@ class FusedEMA:
             b.stage()
             if skip is not None and skip.device != self._device:
                 skip = skip.to(self._device)
-        self._run(b, decays, skip, rebind)
+        self._run(b, decays, skip, rebind, s)
         self._step = s + 1
 
     def _list_run(self, tensors) -> ListRun:
@@ -456,13 +461,15 @@ class FusedEMA:
         per_decay = [self._list_pairs(tensors, k, "update()") for k in range(self.num_decays)]
         pairs = [(t, [per_decay[k][i][1] for k in range(self.num_decays)], kind)
                  for i, (t, _, kind) in enumerate(per_decay[0])]
-        return ListRun(pairs, self.num_decays)
+        return ListRun(pairs, self.num_decays, self.rounding, self.seed)
 
-    def _run(self, b: Binding, decays, skip, rebind) -> None:
+    def _run(self, b: Binding, decays, skip, rebind, step) -> None:
+        """``step``: this update's counter (an int, or the device counter when capturable):
+        it keys stochastic rounding's random bits."""
         start = 0
         while True:
             try:
-                return b.run(decays, skip, start)
+                return b.run(decays, skip, start, step)
             except Stale as stale:
                 # A tensor got new storage (model.to(), p.data = ...): bind again and go on
                 # from this group (the groups before it are already updated).
@@ -481,9 +488,9 @@ class FusedEMA:
             found = skip.reshape(()) != 0
             flag = found if flag is None else flag | found
         if compiling:
-            b.run_traced(decays, flag)
+            b.run_traced(decays, flag, s)
         else:
-            self._run(b, decays, flag, rebind)
+            self._run(b, decays, flag, rebind, s)
         with torch.no_grad():
             if skip is not None:
                 s.add_((skip.reshape(()) == 0).to(torch.int64))

@@ -32,10 +32,14 @@ def ema_tensor(t: torch.Tensor, device: torch.device, ema_dtype: Optional[torch.
 
 
 def warn_if_frozen_by_rounding(sources: Sequence[Source], schedules: Sequence[Schedule],
-                               update_every: int, ema_dtype: Optional[torch.dtype]) -> None:
-    """Warns when a 16-bit EMA could not move at the schedule's top decay."""
+                               update_every: int, ema_dtype: Optional[torch.dtype],
+                               rounding: str = "nearest") -> None:
+    """Warns when a 16-bit EMA rounded to nearest could not move at the schedule's top
+    decay (stochastic rounding moves a bf16 EMA by the right amount on average)."""
     dtypes = {ema_dtype_for(s.tensor.dtype, ema_dtype) for s in sources
               if s.tensor.dtype in FLOAT_DTYPES}
+    if rounding == "stochastic":
+        dtypes.discard(torch.bfloat16)
     for dtype in dtypes & set(HALF_DTYPES):
         eps = torch.finfo(dtype).eps
         for sched in schedules:
@@ -47,7 +51,8 @@ def warn_if_frozen_by_rounding(sources: Sequence[Source], schedules: Sequence[Sc
                 warnings.warn(
                     f"fused_ema: a {dtype} EMA with decay {top:g} barely moves: each update "
                     f"adds (1 - decay) = {1 - top:.3g} of the difference, below the {dtype} "
-                    f"resolution ({eps:.3g}); use ema_dtype=torch.float32",
+                    f"resolution ({eps:.3g}); use ema_dtype=torch.float32"
+                    + (" or rounding='stochastic'" if dtype == torch.bfloat16 else ""),
                     UserWarning, stacklevel=4)
                 return
 

@@ -68,6 +68,18 @@ def stochastic_bf16(value: torch.Tensor, ema: torch.Tensor, skey: int, tensor: i
     return round_bf16_stochastic(value, bits)
 
 
+def lerp(ema: torch.Tensor, param: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``ema_lerp`` of csrc/ema_math.h (torch.lerp's two-branch form), one op per rounding
+    as the kernels round: the same bits (torch.lerp's CPU vector loop fuses a multiply-add).
+    ``weight``: a 0-d tensor of the update's dtype."""
+    diff = param - ema
+    low = ema + weight * diff
+    high = param - diff * (1 - weight)
+    if weight.device.type == "cpu" and weight.dim() == 0:
+        return low if weight.item() < 0.5 else high  # host memory: no sync
+    return torch.where(weight < 0.5, low, high)
+
+
 def multi_ema_update_(
     emas_per_decay: Sequence[Sequence[torch.Tensor]],
     params: Sequence[torch.Tensor],
@@ -120,11 +132,11 @@ def multi_ema_update_(
                 src = p.to(op)
                 if host_w is None:
                     new = torch.where(w == 1, src, torch.where(w == 0, target,
-                                                               target.lerp(src, w)))
+                                                               lerp(target, src, w)))
                 elif host_w == 1.0:
                     new = src  # decay 0: a copy (lerp would keep a NaN EMA NaN)
                 else:
-                    new = target.lerp(src, w)
+                    new = lerp(target, src, torch.tensor(host_w, dtype=op))
                 if skey is not None:
                     new = stochastic_bf16(new, e, skey, k * n + i)
                 if device_skip is not None:

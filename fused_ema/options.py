@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 
 from .schedules import Constant, HalfLife, Schedule
-from .validation import MAX_DECAYS, check_count, check_float_dtype, check_unit
+from .validation import (MAX_DECAYS, check_count, check_float_dtype, check_rounding,
+                         check_seed, check_unit)
 
 BUFFER_MODES = ("copy", "average", "ignore")
 FROZEN_MODES = ("share", "copy", "average")
@@ -116,10 +117,12 @@ class Options:
     buffers: str = "copy"
     ema_dtype: Optional[torch.dtype] = None
     capturable: bool = False
+    rounding: str = "nearest"
+    seed: int = 0
 
     @classmethod
     def check(cls, decay, tau, decays, update_after_step, update_every, ema_dtype, buffers,
-              capturable, frozen) -> "Options":
+              capturable, frozen, rounding="nearest", seed=0) -> "Options":
         schedules = schedules_from(decay, tau, decays)
         after = check_count("update_after_step", update_after_step, 0)
         every = check_count("update_every", update_every, 1)
@@ -130,7 +133,9 @@ class Options:
             raise ValueError(f"fused_ema: frozen must be one of {FROZEN_MODES}, got {frozen!r}")
         if ema_dtype is not None:
             check_float_dtype("ema_dtype", ema_dtype)
-        return cls(schedules, frozen, after, every, buffers, ema_dtype, bool(capturable))
+        check_rounding(rounding)
+        return cls(schedules, frozen, after, every, buffers, ema_dtype, bool(capturable),
+                   rounding, check_seed(seed))
 
 
 def check_placement(ema_device: torch.device, model_device: Optional[torch.device], *,

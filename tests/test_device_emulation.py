@@ -30,7 +30,7 @@ SOURCES = {
     ROOT / "csrc" / "plan.cpp": [ROOT / "csrc" / "plan.h"],
     ROOT / "csrc" / "ema_cpu.cpp": [ROOT / "csrc" / "ema_math.h", ROOT / "csrc" / "plan.h"],
 }
-GROUPS = ["pairs", "offsets", "multi", "edge", "many", "launch"]
+GROUPS = ["pairs", "offsets", "multi", "edge", "many", "launch", "stochastic"]
 
 # The CPU kernel's own flags (setup.py) plus the sanitizers. No -fopenmp: the
 # CPU reference runs serially, which changes no bits.

@@ -188,3 +188,88 @@ def test_a_stale_tensor_is_named_alike(monkeypatch, replace):
         messages.append(str(info.value))
     want = "params[1]" if replace == "param" else "emas[1][0]"
     assert messages[0] == messages[1] and messages[0].startswith(f"fused_ema: {want} was ")
+
+
+# ---- stochastic rounding: the bf16 rule and the step, on both paths ----------------------
+
+def good_bf16(n=2, odd=None):
+    """bf16 EMAs (``odd``: (k, i, dtype) of one EMA of another dtype)."""
+    emas, params = good(n)
+    emas = [[e.bfloat16() for e in es] for es in emas]
+    if odd is not None:
+        k, i, dtype = odd
+        emas[k][i] = emas[k][i].to(dtype)
+    return emas, params
+
+
+# (name, tensors for one EMA list, for two, step, seed)
+ROUNDING = {
+    "float32 EMAs": (lambda: good(1), lambda: good(2), 0, 0),
+    "one float16 EMA": (lambda: good_bf16(1, (0, 1, torch.float16)),
+                        lambda: good_bf16(2, (1, 0, torch.float16)), 0, 0),
+    "float64 and float32 EMAs": (lambda: good_bf16(1, (0, 0, torch.float64)),
+                                 lambda: good_bf16(2, (1, 1, torch.float32)), 0, 0),
+    "no step": (lambda: good_bf16(1), lambda: good_bf16(2), None, 0),
+    "negative step": (lambda: good_bf16(1), lambda: good_bf16(2), -1, 0),
+    "float step tensor": (lambda: good_bf16(1), lambda: good_bf16(2), torch.tensor(1.0), 0),
+    "step tensor of two": (lambda: good_bf16(1), lambda: good_bf16(2),
+                           torch.tensor([1, 2]), 0),
+    "negative seed": (lambda: good_bf16(1), lambda: good_bf16(2), 0, -1),
+    "seed of 64 bits": (lambda: good_bf16(1), lambda: good_bf16(2), 0, 1 << 63),
+}
+
+
+def run_stochastic(entry, emas_per_decay, params, step, seed):
+    decays = [0.5] * len(emas_per_decay)
+    try:
+        if entry == "ema_update_" and len(emas_per_decay) == 1:
+            ema_update_(emas_per_decay[0], params, 0.5, rounding="stochastic", seed=seed,
+                        step=step)
+        elif entry in ("ema_update_", "multi_ema_update_"):
+            multi_ema_update_(emas_per_decay, params, decays, rounding="stochastic", seed=seed,
+                              step=step)
+        else:
+            EMAPlan.multi(emas_per_decay, params, rounding="stochastic",
+                          seed=seed).update_(decays, step=step)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case", list(ROUNDING))
+@pytest.mark.parametrize("num_decays", [1, 2])
+def test_bad_rounding_same_error_on_both_paths(monkeypatch, case, entry, num_decays):
+    one, two, step, seed = ROUNDING[case]
+    results = []
+    emas_per_decay, params = (one if num_decays == 1 else two)()
+    for force_python in (False, True):
+        monkeypatch.setattr(_ext, "FORCE_PYTHON", force_python)
+        before = [t.clone() for ts in emas_per_decay for t in ts]
+        results.append(run_stochastic(entry, emas_per_decay, params, step, seed))
+        assert all(torch.equal(a, b) for a, b in zip(before, [t for ts in emas_per_decay
+                                                               for t in ts])), "written"
+    assert results[0] is not None, "the compiled path accepted it"
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("step, seed", [(torch.tensor(1.0), 0), (torch.tensor([1, 2]), 0)])
+def test_the_ops_check_the_step_as_the_fallback(step, seed):
+    """The C++ ops' own step checks (for callers of torch.ops.fused_ema) say what
+    validation.rounding_args says."""
+    emas, params = good_bf16(1)
+    with pytest.raises((ValueError, TypeError)) as ours:
+        torch.ops.fused_ema.ema_update_(emas[0], params, 0.5, None, None, True, seed, 0, step)
+    with pytest.raises((ValueError, TypeError)) as python:
+        from fused_ema import validation
+        validation.rounding_args(True, seed, step, params[0].device)
+    assert (ours.type, str(ours.value)) == (python.type, str(python.value))
+
+
+def test_the_ops_name_the_ema_that_is_not_bf16():
+    emas, params = good_bf16(2, (1, 1, torch.float16))
+    flat = [e for es in emas for e in es]
+    before = [e.clone() for e in flat]
+    with pytest.raises(ValueError, match=r"emas\[1\]\[1\] is float16; rounding='stochastic'"):
+        torch.ops.fused_ema.multi_ema_update_(flat, params, [0.5, 0.5], None, None, True, 0, 3)
+    assert all(torch.equal(a, b) for a, b in zip(before, flat))

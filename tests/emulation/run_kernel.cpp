@@ -99,6 +99,8 @@ struct Case {
   bool non_finite_emas = false;  // EMAs of NaN, +inf, -inf: decay 0 must still copy the param
   // Params of NaN, +-inf, -0.0 and EMAs of -0.0, +-inf, NaN, 1.5: decay 1 must keep the EMA.
   bool non_finite_params = false;
+  bool stochastic = false;       // stochastic rounding (bf16 EMAs), seed 7, step 123456789
+  bool device_step = false;      // ... with the step read on the device
 };
 
 // Fills `b` (elements of `dtype`) with `values` over and over.
@@ -192,9 +194,23 @@ bool run_case(const Case& c) {
   // table", each in an exact-size buffer.
   const auto plan = build_plan(ema_t, param_t, num_decays);
   const auto ref_plan = build_plan(ref_ema_t, param_t, num_decays);
-  const UpdateArgs host_args = make_update_args(*plan, c.decays, std::nullopt, std::nullopt);
+  Rounding rounding;
+  rounding.stochastic = c.stochastic;
+  rounding.seed = 7;
+  rounding.step = 123456789;
+  const UpdateArgs host_args =
+      make_update_args(*plan, c.decays, std::nullopt, std::nullopt, rounding);
   UpdateArgs args = host_args;
-  std::unique_ptr<Buffer> decay_buf, skip_buf;
+  std::unique_ptr<Buffer> decay_buf, skip_buf, step_buf;
+  if (c.device_step) {
+    // The step read on the device: the host copy holds another step, so reading
+    // it instead gives other random bits.
+    step_buf = std::make_unique<Buffer>(sizeof(int64_t));
+    *reinterpret_cast<int64_t*>(step_buf->data) = rounding.step;
+    args.step = rounding.step + 1;
+    args.step_ptr = step_buf->data;
+    args.step_kind = ScalarKind::Int64;
+  }
   if (c.decay_from != DecayFrom::Host) {
     // Decays read on the device: the host copies hold garbage, so reading
     // them instead shows up as a mismatch.
@@ -458,6 +474,75 @@ std::vector<Case> edge_cases() {
   return cases;
 }
 
+// Stochastic rounding of bf16 EMAs: every kernel that can write a bf16 EMA (the
+// fixed-dtype kernel of each param dtype, the any-dtype kernel with one and
+// several decays), odd sizes and offsets, the step from a device pointer, the
+// ends (decay 0 and 1) and NaN/inf on both sides.
+std::vector<Case> stochastic_cases() {
+  std::vector<Case> cases;
+  const DType bf16 = DType::BFloat16;
+  for (DType pd : kDTypes) {
+    for (bool mixed : {false, true}) {
+      for (std::vector<double> d : {std::vector<double>{0.9}, std::vector<double>{0.3},
+                                    std::vector<double>{0.999, 0.0, 0.3, 1.0}}) {
+        Case c;
+        c.name = std::string("stochastic ") + dtype_name(pd) + "->bf16 K=" +
+                 std::to_string(d.size()) + (mixed ? " (mixed kernel)" : "");
+        c.decays = d;
+        c.stochastic = true;
+        c.mixed_kernel = mixed;
+        int t = 0;
+        for (int64_t size : kSizes) {
+          const int offsets[][2] = {{0, 0}, {1, 1}, {(3 * t) % 8, (5 * t + 1) % 8}};
+          for (auto& o : offsets) {
+            c.tensors.push_back({size, pd, std::vector<DType>(d.size(), bf16), o[0], o[1]});
+            ++t;
+          }
+        }
+        cases.push_back(c);
+      }
+    }
+    for (std::vector<double> d : {std::vector<double>{0.99}, std::vector<double>{0.99, 0.5}}) {
+      Case c;
+      c.name = std::string("stochastic, device step ") + dtype_name(pd) + "->bf16 K=" +
+               std::to_string(d.size());
+      c.decays = d;
+      c.stochastic = true;
+      c.device_step = true;
+      for (int64_t size : {1, 9, 1024, 65537}) {
+        c.tensors.push_back({size, pd, std::vector<DType>(d.size(), bf16), 0, 0});
+      }
+      cases.push_back(c);
+    }
+    for (std::vector<double> d : {std::vector<double>{0.0}, std::vector<double>{0.0, 0.9, 0.0}}) {
+      Case c;
+      c.name = std::string("stochastic, decay 0 over NaN/inf EMAs ") + dtype_name(pd) +
+               "->bf16 K=" + std::to_string(d.size());
+      c.decays = d;
+      c.stochastic = true;
+      c.non_finite_emas = true;
+      for (int64_t size : {1, 9, 1024, 65537}) {
+        c.tensors.push_back({size, pd, std::vector<DType>(d.size(), bf16), 1, 1});
+      }
+      cases.push_back(c);
+    }
+    for (std::vector<double> d : {std::vector<double>{1.0}, std::vector<double>{0.9},
+                                  std::vector<double>{1.0, 0.9, 0.0}}) {
+      Case c;
+      c.name = std::string("stochastic under NaN/inf params ") + dtype_name(pd) + "->bf16 K=" +
+               std::to_string(d.size());
+      c.decays = d;
+      c.stochastic = true;
+      c.non_finite_params = true;
+      for (int64_t size : {1, 9, 1024, 65537}) {
+        c.tensors.push_back({size, pd, std::vector<DType>(d.size(), bf16), 1, 1});
+      }
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
 // Many tensors of random sizes, dtypes and offsets in one launch.
 std::vector<Case> many_cases() {
   std::vector<Case> cases;
@@ -498,7 +583,8 @@ std::vector<Case> launch_cases() {
 int main(int argc, char** argv) {
   using namespace fused_ema;
   if (argc != 2) {
-    std::fprintf(stderr, "usage: %s pairs|offsets|multi|edge|many|launch\n", argv[0]);
+    std::fprintf(stderr, "usage: %s pairs|offsets|multi|edge|many|launch|stochastic\n",
+                 argv[0]);
     return 2;
   }
   const std::string group = argv[1];
@@ -509,6 +595,7 @@ int main(int argc, char** argv) {
   else if (group == "edge") cases = edge_cases();
   else if (group == "many") cases = many_cases();
   else if (group == "launch") cases = launch_cases();
+  else if (group == "stochastic") cases = stochastic_cases();
   else {
     std::fprintf(stderr, "unknown group %s\n", group.c_str());
     return 2;
