@@ -262,3 +262,50 @@ def test_timm_own_model_ema_tests(name, foreach, exclude_buffers, timm_own_tests
     if name == "test_model_ema_v3_stochastic_rounding_advances" and exclude_buffers:
         pytest.skip("not parametrized by exclude_buffers in timm")
     fn(**{a: kwargs[a] for a in args})
+
+
+def test_stochastic_rounding_is_the_engines_keyed_by_step(engine):
+    """stochastic_rounding=True on a bf16 EMA: the fused kernel's stochastic rounding with
+    the seed and the step given to update() (the count of updates without one), so a resumed
+    run that passes step continues bit for bit."""
+    from fused_ema import ema_update_
+    model = _model().bfloat16()
+    mine = ours.ModelEmaV3(model, decay=0.99, stochastic_rounding=True,
+                           stochastic_rounding_seed=3)
+    def floats(m):  # what timm averages: the floating state_dict entries, in its order
+        return [v for v in m.state_dict().values() if v.is_floating_point()]
+
+    mirror = [t.clone() for t in floats(mine.module)]
+
+    def train(n):
+        g = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(n):
+            model(torch.randn(6, 3, 8, 8, generator=g).bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            yield
+
+    steps = train(6)
+    for step in range(3):
+        next(steps)
+        mine.update(model, step=step + 100)
+        ema_update_(mirror, floats(model), mine.get_decay(step + 100),
+                    rounding="stochastic", seed=3, step=step + 100)
+    for a, b in zip(floats(mine.module), mirror):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    resumed = ours.ModelEmaV3(model, decay=0.99, stochastic_rounding_seed=3)
+    resumed.module.load_state_dict(mine.module.state_dict())
+    for step in range(3, 6):
+        next(steps)
+        mine.update(model, step=step + 100)
+        resumed.update(model, step=step + 100)
+    for a, b in zip(mine.module.state_dict().values(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b)
+    # without step: the count of updates
+    counted = ours.ModelEmaV3(model, decay=0.99, stochastic_rounding_seed=3)
+    mirror = [t.clone() for t in floats(counted.module)]
+    for step in range(2):
+        counted.update(model)
+        ema_update_(mirror, floats(model), 0.99, rounding="stochastic", seed=3, step=step)
+    assert all(torch.equal(a, b) for a, b in zip(floats(counted.module), mirror))

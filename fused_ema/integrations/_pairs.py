@@ -6,7 +6,7 @@ same layout on both sides (channels_last weights and their clones) as they are; 
 first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
 two-branch formula.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,9 +31,12 @@ def check_pairs(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], what
 
 
 def lerp_(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], decay: float,
-          what: str = "shadow params", src_what: str = "params") -> None:
+          what: str = "shadow params", src_what: str = "params", *, rounding: str = "nearest",
+          seed: int = 0, step: Optional[int] = None) -> None:
     """``emas[i].lerp_(srcs[i], 1 - decay)`` for all i: one fused call for all tensors the
-    engine takes, ``Tensor.lerp_`` for the rest. Nothing is written if any pair is bad."""
+    engine takes, ``Tensor.lerp_`` for the rest (with ``rounding="stochastic"`` every pair
+    goes to the engine, which refuses a strided one). Nothing is written if any pair is
+    bad."""
     emas, srcs = list(emas), list(srcs)
     check_pairs(emas, srcs, what, src_what)
     fused_e: List[torch.Tensor] = []
@@ -45,14 +48,15 @@ def lerp_(emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], decay: flo
                             "only floating-point tensors can be averaged")
         if e.device != s.device:
             s = s.to(e.device, memory_format=torch.preserve_format)
-        if (e.is_contiguous() and s.is_contiguous()) or (e.stride() == s.stride()
-                                                           and is_dense(e)):
+        if (rounding != "nearest" or (e.is_contiguous() and s.is_contiguous())
+                or (e.stride() == s.stride() and is_dense(e))):
             fused_e.append(e)  # the engine takes dense layouts (channels_last) as they are
             fused_s.append(s)
         else:
             slow.append((e, s))
     with torch.no_grad():
-        ema_update_(fused_e, fused_s, decay)  # validates all its tensors before writing
+        # validates all its tensors before writing
+        ema_update_(fused_e, fused_s, decay, rounding=rounding, seed=seed, step=step)
         weight = 1.0 - decay
         for e, s in slow:
             e.lerp_(s.to(device=e.device, dtype=e.dtype), weight)
@@ -78,25 +82,29 @@ class Lerp:
     the first call validates them and builds an ``EMAPlan``; later calls with the same
     tensor objects (checked by identity, the plan checks storage and shape) are one call.
     Lists with tensors the plan cannot take as they are (strided, another device) always
-    take the uncached ``lerp_``."""
+    take the uncached ``lerp_``. ``rounding``, ``seed``: as ``EMAPlan``'s (each call then
+    gives its ``step``)."""
 
-    def __init__(self, what: str = "shadow params", src_what: str = "params"):
+    def __init__(self, what: str = "shadow params", src_what: str = "params", *,
+                 rounding: str = "nearest", seed: int = 0):
         self.what, self.src_what = what, src_what
+        self.rounding, self.seed = rounding, seed
         self._key: Tuple = ()
         self._plan = None
 
     def __call__(self, emas: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
-                 decay: float) -> None:
+                 decay: float, step: Optional[int] = None) -> None:
         key = (tuple(map(id, emas)), tuple(map(id, srcs)))
         if key == self._key and type(decay) is float and 0.0 <= decay <= 1.0:
             try:
-                self._plan.update_(decay)
+                self._plan.update_(decay, step=step)
                 return
             except RuntimeError:
                 self._key, self._plan = (), None  # a tensor got new storage: plan again
         emas, srcs = list(emas), list(srcs)
-        lerp_(emas, srcs, decay, self.what, self.src_what)  # validates, then updates
+        lerp_(emas, srcs, decay, self.what, self.src_what, rounding=self.rounding,
+              seed=self.seed, step=step)  # validates, then updates
         if all(e.device == s.device and e.is_contiguous() and s.is_contiguous()
                for e, s in zip(emas, srcs)):
-            self._plan = EMAPlan(emas, srcs)
+            self._plan = EMAPlan(emas, srcs, rounding=self.rounding, seed=self.seed)
             self._key = key

@@ -14,11 +14,13 @@ and copied otherwise (``exclude_buffers=True``: parameters averaged, buffers cop
 ``step=None`` uses ``decay`` without warmup. What differs: the update is the fused
 ``lerp`` (torch's CPU ``lerp_`` fuses a multiply-add, ours does not: within one ulp of the
 operands per update, bit for bit with the pure-PyTorch fallback). A bfloat16 EMA with
-``stochastic_rounding=True`` (timm's default for bf16 EMAs) is updated in float32 and
-stochastically rounded with the same seeded private generator scheme, but not the same
-random stream as timm's: equal in distribution, not bit for bit. ``foreach`` is
-accepted and changes nothing (the update is always fused, also for an EMA on another
-device).
+``stochastic_rounding=True`` (timm's default for bf16 EMAs) is rounded stochastically
+inside the fused kernel (``rounding="stochastic"``: computed in float32, no float32 copy,
+no generator state): the random bits are keyed by ``stochastic_rounding_seed`` and the
+``step`` given to ``update`` (else the count of updates), so a resumed run that passes
+``step`` continues bit for bit. Not timm's random stream: equal in distribution, not bit
+for bit. ``foreach`` is accepted and changes nothing (the update is always fused, also
+for an EMA on another device).
 
 ``ModelEmaV2(model, decay, device)`` is ``ModelEmaV3`` without a schedule: ``decay`` at
 every ``update(model)``, no stochastic rounding. What differs from timm's V2: integer
@@ -33,36 +35,17 @@ defined, and ``timm.utils``, where training scripts import them from: ``ModelEma
 first use.
 """
 from copy import deepcopy
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import _delegate, _pairs
-from ..functional import ema_update_
 from ..validation import check_unit
 
 __all__ = ["ModelEmaV2", "ModelEmaV3"]
 __getattr__, __dir__ = _delegate.delegate(__name__, ["timm.utils.model_ema", "timm.utils"],
                                           "timm==1.0.31")
-
-
-@torch.no_grad()
-def _stochastic_round_lerp_bf16_(emas: List[torch.Tensor], srcs: List[torch.Tensor],
-                                 decay: float, generator: torch.Generator) -> None:
-    """bf16 EMAs: the fused update into float32 copies, then random bits below the bf16
-    mantissa before truncating: rounds up with probability equal to the dropped fraction,
-    so updates below bf16 resolution accumulate in expectation."""
-    if not emas:
-        return
-    wide = [e.float() for e in emas]
-    ema_update_(wide, [s.to(e.device) for e, s in zip(emas, srcs)], decay)
-    for e, w in zip(emas, wide):
-        bits = w.view(torch.int32)
-        bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device,
-                                generator=generator))
-        bits.bitwise_and_(-(1 << 16))  # exactly representable in bf16 now
-        e.copy_(w)
 
 
 class ModelEmaV3(nn.Module):
@@ -106,9 +89,10 @@ class ModelEmaV3(nn.Module):
             self.module.to(device=device)
         if dtype is not None:
             self.module.to(dtype=dtype)
-        self._sr_generator = torch.Generator(device=next(self.module.parameters()).device)
-        self._sr_generator.manual_seed(stochastic_rounding_seed)
         self._lerp = _pairs.Lerp("ema tensors", "model tensors")
+        self._sr_lerp = _pairs.Lerp("ema tensors", "model tensors", rounding="stochastic",
+                                    seed=stochastic_rounding_seed)
+        self._updates = 0  # the stochastic rounding's step when update() is given none
 
     def get_decay(self, step: Optional[int] = None) -> float:
         """The decay of the update at ``step`` (timm's schedule; ``None``: ``decay``)."""
@@ -122,7 +106,7 @@ class ModelEmaV3(nn.Module):
             return max(min(decay, self.decay), self.min_decay)
         return self.decay
 
-    def _apply(self, lerp_e, lerp_m, copy_e, copy_m, decay: float) -> None:
+    def _apply(self, lerp_e, lerp_m, copy_e, copy_m, decay: float, step: int) -> None:
         _pairs.check_pairs(lerp_e, lerp_m, "ema tensors", "model tensors")
         _pairs.check_pairs(copy_e, copy_m, "ema tensors", "model tensors")
         sr_e, sr_m, plain_e, plain_m = [], [], [], []
@@ -134,7 +118,8 @@ class ModelEmaV3(nn.Module):
                 plain_e.append(e)
                 plain_m.append(m)
         self._lerp(plain_e, plain_m, decay)
-        _stochastic_round_lerp_bf16_(sr_e, sr_m, decay, self._sr_generator)
+        if sr_e:
+            self._sr_lerp(sr_e, [m.to(e.device) for e, m in zip(sr_e, sr_m)], decay, step)
         _pairs.copy_(copy_e, [m.to(e.device) for e, m in zip(copy_e, copy_m)],
                      "ema tensors", "model tensors")
 
@@ -142,9 +127,11 @@ class ModelEmaV3(nn.Module):
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
         """One update from ``model`` (matched by position in the state_dict, as timm)."""
         decay = self.get_decay(step)
+        sr_step = self._updates if step is None else step
+        self._updates += 1
         if self.exclude_buffers:
             self._apply(list(self.module.parameters()), list(model.parameters()),
-                        list(self.module.buffers()), list(model.buffers()), decay)
+                        list(self.module.buffers()), list(model.buffers()), decay, sr_step)
             return
         # keep_vars: the tensor objects themselves, the same at every step (the cached
         # plan is found by identity); the order is state_dict's, as timm pairs them
@@ -161,7 +148,7 @@ class ModelEmaV3(nn.Module):
             else:
                 copy_e.append(e)
                 copy_m.append(m)
-        self._apply(lerp_e, lerp_m, copy_e, copy_m, decay)
+        self._apply(lerp_e, lerp_m, copy_e, copy_m, decay, sr_step)
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
