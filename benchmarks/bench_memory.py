@@ -24,6 +24,7 @@ by git); --update-results writes them to benchmarks/results/. Exits non-zero whe
 measured row differs from its formula.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -130,6 +131,7 @@ class Row:
     build: Optional[Callable] = None  # model -> (the EMA object, one update)
     note: str = ""
     how: str = "measured"  # what the 1B table's row rests on (when the library runs here)
+    needs: Optional[str] = None  # the module its library is imported as
 
 
 def _fused(key):
@@ -160,18 +162,13 @@ def _ema_pytorch(model):
     return ema, ema.update
 
 
-def _diffusers(offload):
-    def build(model):
-        from diffusers.training_utils import EMAModel
-        ema = EMAModel(model.parameters(), decay=DECAY)
-        ema.optimization_step = 10 ** 6  # past the warmup
-
-        def step():
-            # --offload_ema in diffusers' training scripts: ema.to(accelerator) before the
-            # step, ema.to("cpu") after; here both are the CPU (see the module docstring)
-            ema.step(model.parameters())
-        return ema, step
-    return build
+def _diffusers(model):
+    # With --offload_ema, diffusers' training scripts call ema.to(accelerator) before the
+    # step and ema.to("cpu") after; on one device there is nothing to move: the same EMA.
+    from diffusers.training_utils import EMAModel
+    ema = EMAModel(model.parameters(), decay=DECAY)
+    ema.optimization_step = 10 ** 6  # past the warmup
+    return ema, lambda: ema.step(model.parameters())
 
 
 def timm_sr_bytes(t: Tensors) -> int:
@@ -220,39 +217,42 @@ ROWS = [
         "measured (on cpu:0); binding.py Binding: the fp32 EMA and a staging copy of the "
         "weights (pinned for a CUDA model) in host memory", _fused("fused_host"),
         note="frozen=\"share\" is refused off the model's device, so a LoRA base is copied "
-             "and staged too"),
+             "and staged too; the next row avoids that"),
     Row("fused_host_list", "FusedEMA(trained params, device=\"cpu\")",
         lambda t: Bytes(host=t.nbytes(4, trained_only=True) + t.nbytes(trained_only=True)),
         "measured (on cpu:0); as above, for a list of the trained parameters (no EMA module)",
         _fused("fused_host_list")),
-    Row("timm", "timm ModelEmaV3(model) (bf16, stochastic rounding)",
+    Row("timm", "timm ModelEmaV3(model) (bf16, its stochastic rounding)",
         lambda t: Bytes(acc=t.nbytes(), acc_update=timm_sr_bytes(t)),
         "measured; timm/utils/model_ema.py ModelEmaV3 (deepcopy) and "
-        "_lerp_stochastic_round_bf16_ (chunks)", _timm()),
+        "_lerp_stochastic_round_bf16_ (chunks)", _timm(), needs="timm"),
     Row("timm_fp32", "timm ModelEmaV3(model, dtype=fp32)",
         lambda t: Bytes(acc=t.nbytes(4), acc_update=cast_bytes(t)),
         "measured; ModelEmaV3: deepcopy, then .to(dtype); _foreach_mul_ and _foreach_add_ "
-        "(mixed dtypes)", _timm(dtype=torch.float32)),
+        "(mixed dtypes)", _timm(dtype=torch.float32), needs="timm"),
     Row("ema_pytorch", "ema-pytorch EMA(model)",
         lambda t: Bytes(acc=t.nbytes() + 1 + 8),  # + its `initted` and `step` buffers
         "measured; ema_pytorch.py EMA.init_ema (deepcopy) and update_moving_average",
-        _ema_pytorch),
+        _ema_pytorch, needs="ema_pytorch"),
     Row("diffusers", "diffusers EMAModel(model.parameters())",
         lambda t: Bytes(acc=t.nbytes(), acc_update=diffusers_step_bytes(t)),
-        "measured; diffusers/training_utils.py EMAModel: shadow_params = clones, step",
-        _diffusers(False)),
+        "measured; diffusers/training_utils.py EMAModel: shadow_params = clones; step with "
+        "foreach=False, the default (foreach=True adds a temporary of every trained "
+        "parameter: torch._foreach_sub)",
+        _diffusers, needs="diffusers"),
     Row("diffusers_offload", "diffusers EMAModel, --offload_ema",
         lambda t: Bytes(moved=t.nbytes(), acc_update=diffusers_step_bytes(t), host=t.nbytes()),
         "host bytes measured; the accelerator's from the training scripts: ema.to(cuda) "
-        "before ema.step, ema.to(cpu) after (pinned host copies)", _diffusers(True),
-        note="the whole EMA comes to the accelerator for every step",
-        how="host measured, accelerator from code"),
+        "before ema.step, ema.to(cpu) after (pinned host copies)", _diffusers,
+        note="The whole EMA comes to the accelerator for every step",
+        how="host measured, accelerator from code", needs="diffusers"),
     Row("nemo_offload", "NeMo EMA(cpu_offload=True)",
         lambda t: Bytes(host=2 * t.nbytes(trained_only=True)),
         "from code only (NeMo is not installed): nemo/collections/common/callbacks/ema.py "
         "EMAOptimizer: ema_params = copies of the optimizer's params on the CPU; each update "
-        "copies them to the CPU (param.data.to(cpu)), held until the next step's join()",
-        note="averages the optimizer's parameters only: a LoRA base is never copied",
+        "copies the params to the CPU (param.data.to(cpu)) for a thread that updates the EMA "
+        "there while the next step runs (host: EMA + those copies while it runs)",
+        note="It averages the optimizer's parameters only: a LoRA base is never copied",
         how="from code"),
 ]
 ROW_BY_KEY = {r.key: r for r in ROWS}
@@ -309,14 +309,12 @@ def update_peak_bytes(fn: Callable[[], None]) -> int:
 
 
 def available(row: Row) -> bool:
+    """The row's library runs here (timm: its model_ema.py, also without torchvision)."""
     if row.build is None:
         return False
-    mod = {"timm": "timm", "timm_fp32": "timm", "ema_pytorch": "ema_pytorch",
-           "diffusers": "diffusers", "diffusers_offload": "diffusers"}.get(row.key)
-    if mod == "timm":
+    if row.needs == "timm":
         return _timm_model_ema() is not None
-    import importlib.util
-    return mod is None or importlib.util.find_spec(mod) is not None
+    return row.needs is None or importlib.util.find_spec(row.needs) is not None
 
 
 def measure(row: Row, lay) -> Dict:
@@ -407,9 +405,12 @@ def render(out: Dict) -> str:
     meta, big, small, info = out["meta"], out["1b"], out["small"], out["rows"]
     lines = ["# The memory of an EMA: bytes per model parameter, 1B model with bf16 weights", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}. Model: {meta['model']}. "
-             "Accelerator: the EMA's tensors on the model's device (between updates, and the "
-             "most during an update); host: in host memory. Measured rows: the formula "
-             "checked against a small model's allocations on this CPU (below).", ""]
+             "Bytes per model parameter (x 1.1 for GB). Accelerator: the EMA's tensors on the "
+             "model's device between updates, and the most during an update (what it "
+             "allocates or brings there); host: the most it holds in host memory. "
+             "\"measured\": the row's formula agrees with what the library allocates for a "
+             "small model on this CPU (the CPU standing in for the accelerator; the check "
+             "below); \"from code\": read off the library's code only.", ""]
     for k, title in (("full", "Full fine-tune"), ("lora", "LoRA")):
         b = big[k]
         what = (f"{b['params']:,} parameters, all trained" if k == "full" else
@@ -430,9 +431,11 @@ def render(out: Dict) -> str:
         lines.append("")
     lines += ["## Where each row comes from", ""]
     for key, r in info.items():
-        lines.append(f"- **{r['label']}**: {r['source']}." + (f" {r['note']}." if r["note"] else ""))
-    lines += ["", f"## The check: a small model of the same architecture on this CPU "
-              f"({meta['small_arch']}; LoRA rank {meta['small_lora_rank']})", "",
+        note = f" {r['note']}." if r["note"] else ""
+        lines.append(f"- **{r['label']}**: {r['source']}.{note}")
+    arch = ", ".join(f"{k}={v}" for k, v in meta["small_arch"].items())
+    lines += ["", "## The check: a small model of the same architecture on this CPU "
+              f"({arch}; LoRA rank {meta['small_lora_rank']})", "",
               "Bytes the EMA holds after two updates (storages reachable from the EMA object "
               "that the model does not own) and the peak an update allocates, against the "
               "formulas the tables above use.", "",
