@@ -102,10 +102,10 @@ def many_empty(count: int = 10_000) -> ParamSpec:
     return [(f"t{i}", (0,)) for i in range(count)]
 
 
-def llama_1b() -> ParamSpec:
-    """TinyLlama-1.1B (Llama 2 architecture, grouped-query attention, untied head):
-    201 tensors, 1,100,048,384 parameters. Behind ``--large``: about 4.4 GB per fp32 copy."""
-    d, inter, layers, vocab, kv = 2048, 5632, 22, 32000, 256
+def llama(d: int, inter: int, layers: int, vocab: int, kv: int) -> ParamSpec:
+    """A Llama-2-architecture decoder (grouped-query attention with ``kv`` key/value
+    features, SwiGLU MLP of width ``inter``, RMSNorm weights, untied head), as Hugging Face
+    ``LlamaForCausalLM`` registers its parameters."""
     spec: ParamSpec = [("model.embed_tokens.weight", (vocab, d))]
     for i in range(layers):
         pre = f"model.layers.{i}"
@@ -122,6 +122,53 @@ def llama_1b() -> ParamSpec:
         ]
     spec += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
     return spec
+
+
+LLAMA_1B = dict(d=2048, inter=5632, layers=22, vocab=32000, kv=256)
+
+
+def llama_1b() -> ParamSpec:
+    """TinyLlama-1.1B (Llama 2 architecture, grouped-query attention, untied head):
+    201 tensors, 1,100,048,384 parameters. Behind ``--large``: about 4.4 GB per fp32 copy."""
+    return llama(**LLAMA_1B)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora(spec: ParamSpec, rank: int, targets=LORA_TARGETS) -> List[Tuple[str, Shape, bool]]:
+    """A LoRA layout of ``spec``: every tensor frozen, and adapters ``lora_A`` (rank x in)
+    and ``lora_B`` (out x rank) beside each 2-D weight of a ``targets`` module (peft's
+    names, without its adapter name). ``(name, shape, trainable)`` for each tensor."""
+    out = [(n, s, False) for n, s in spec]
+    for n, s in spec:
+        mod = n[:-len(".weight")] if n.endswith(".weight") else None
+        if mod is not None and len(s) == 2 and mod.rsplit(".", 1)[-1] in targets:
+            out += [(f"{mod}.lora_A.weight", (rank, s[1]), True),
+                    (f"{mod}.lora_B.weight", (s[0], rank), True)]
+    return out
+
+
+def build_module(layout, dtype, device):
+    """An ``nn.Module`` holding a parameter under each dotted name of ``layout``
+    (``(name, shape)`` or ``(name, shape, trainable)``; default trainable), uninitialized
+    (``torch.empty``; on ``device="meta"`` nothing is allocated)."""
+    import torch
+    from torch import nn
+
+    root = nn.Module()
+    for entry in layout:
+        name, shape = entry[0], entry[1]
+        trainable = entry[2] if len(entry) > 2 else True
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(
+            torch.empty(shape, dtype=dtype, device=device), requires_grad=trainable))
+    return root
 
 
 def tiny() -> ParamSpec:
