@@ -62,7 +62,7 @@ OTHER_DEVICE = "cpu:0"
 # rounding allocates nothing) once that is merged: add it HERE.
 FUSED_EMA_KWARGS = {
     "fused_fp32": dict(),
-    "fused_bf16": dict(ema_dtype=torch.bfloat16),  # + rounding="stochastic" (item 2)
+    "fused_bf16": dict(ema_dtype=torch.bfloat16, rounding="stochastic"),
     "fused_copy": dict(frozen="copy"),
     "fused_host": dict(device="cpu", frozen="copy"),  # frozen="share" needs the model's device
     "fused_host_list": dict(device="cpu"),  # of [p for p in model.parameters() if p.requires_grad]
@@ -206,7 +206,7 @@ ROWS = [
         lambda t: Bytes(acc=t.nbytes(4, trained_only=True)),
         "measured; fused_ema/ema_copy.py copy_module (float32 for 16-bit weights: "
         "options.py), frozen shared (selection.py)", _fused("fused_fp32")),
-    Row("fused_bf16", "FusedEMA(model, ema_dtype=bf16)",
+    Row("fused_bf16", "FusedEMA(model, ema_dtype=bf16, rounding=\"stochastic\")",
         lambda t: Bytes(acc=t.nbytes(2, trained_only=True)),
         "measured; as above, in bf16", _fused("fused_bf16")),
     Row("fused_copy", "FusedEMA(model, frozen=\"copy\")",
