@@ -261,3 +261,40 @@ def test_torch_compile_on_cuda():
 
     step(torch.tensor(0.0, device="cuda"))
     assert all(torch.equal(e, p) for e, p in zip(ema, params))
+
+
+def test_stochastic_rounding_matches_the_cpu_kernel_and_replays_in_a_graph():
+    """The CUDA kernels' stochastic rounding gives the CPU kernel's bits (one and three
+    decays, odd sizes, offset views); captured with the step on the device, each replay
+    reads the step it is given."""
+    from fused_ema import fallback
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 1000, CHUNK + 3, 3 * CHUNK + 7]
+    params = [torch.randn(n + 1, generator=gen)[1:] for n in sizes]
+    emas = [[torch.randn(n + 1, generator=gen).bfloat16()[1:] for n in sizes] for _ in range(3)]
+    for decays in ([0.9], [0.999, 0.3, 0.0]):
+        cpu = [[e.clone() for e in es] for es in emas[:len(decays)]]
+        gpu = [[e.cuda() for e in es] for es in cpu]
+        multi_ema_update_(cpu, params, decays, rounding="stochastic", seed=5, step=77)
+        multi_ema_update_(gpu, [p.cuda() for p in params], decays, rounding="stochastic", seed=5,
+                          step=77)
+        for a, b in zip(cpu, gpu):
+            for x, y in zip(a, b):
+                assert torch.equal(x.view(torch.int16), y.cpu().view(torch.int16))
+    e_cpu = [e.clone() for e in emas[0]]
+    e_gpu = [e.cuda() for e in e_cpu]
+    p_gpu = [p.cuda() for p in params]
+    plan = EMAPlan(e_gpu, p_gpu, rounding="stochastic", seed=1)
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    plan.update_(0.9, step=step)  # warm-up outside the capture
+    fallback.multi_ema_update_([e_cpu], params, [0.9], rounding=(1, 0, None))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.update_(0.9, step=step)
+    for s in (1, 2, 3):
+        step.fill_(s)
+        graph.replay()
+        fallback.multi_ema_update_([e_cpu], params, [0.9], rounding=(1, s, None))
+    torch.cuda.synchronize()
+    for x, y in zip(e_cpu, e_gpu):
+        assert torch.equal(x.view(torch.int16), y.cpu().view(torch.int16))

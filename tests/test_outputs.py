@@ -23,6 +23,7 @@ SCRIPTS = [
     ("benchmarks/bench_frozen.py", ["--layers", "2", "--width", "64", "--rounds", "1",
                                     "--seconds", "0.01"], "bench_frozen.md", []),
     ("benchmarks/bench_memory.py", ["--quick"], "bench_memory.md", []),
+    ("benchmarks/bench_rounding.py", ["--quick"], "bench_rounding.md", []),
     ("examples/dqn_cartpole.py", ["--quick", "--seeds", "0", "--steps", "600", "--workers", "1"],
      "dqn_cartpole.md", ["gymnasium", "matplotlib", "tqdm"]),
     ("examples/byol_digits.py", ["--quick", "--steps", "10", "--workers", "1"],
