@@ -245,3 +245,19 @@ def test_no_frozen_by_rounding_warning_with_stochastic_rounding(recwarn):
     recwarn.clear()
     FusedEMA(model, decay=0.9999, ema_dtype=torch.bfloat16, rounding="stochastic")
     assert not any("barely moves" in str(w.message) for w in recwarn.list)
+
+
+@compiled
+def test_capturable_stochastic_update_under_torch_compile():
+    """torch.compile(ema.update, fullgraph=True) with the step on the device: the traced
+    ops get the device step and give the eager update's bits."""
+    model = bf16_model()
+    kw = dict(decay=0.9, ema_dtype=torch.bfloat16, rounding="stochastic", seed=2)
+    eager = FusedEMA(model, **kw)
+    ema = FusedEMA(model, capturable=True, **kw)
+    update = torch.compile(ema.update, backend="eager", fullgraph=True)
+    for _ in train_steps(model, 4, 3):
+        update()
+        eager.update()
+    assert all(torch.equal(a, b) for a, b in zip(ema_bits(eager), ema_bits(ema)))
+    assert ema.step == 4
