@@ -201,20 +201,16 @@ class EMAPlan:
         tensor was replaced or resized since the plan was built. ``step``: this update's
         counter, for a plan that rounds stochastically (an int or a tensor of one
         integer)."""
-        plan = self._plan
-        if self.stochastic:
-            stale = self.try_update_(*_split_decays(
-                [decay] if self.num_decays == 1 and not isinstance(decay, (list, tuple))
-                else decay), skip, *self.step_args(step))
-        elif plan is not None and type(decay) is float and self.num_decays == 1:
-            stale = plan.update_((decay,), None, skip)  # the per-step hot paths
+        plan = None if self.stochastic else self._plan  # the per-step hot paths: no step
+        if plan is not None and type(decay) is float and self.num_decays == 1:
+            stale = plan.update_((decay,), None, skip)
         elif (plan is not None and type(decay) in (list, tuple)
               and all(type(d) is float for d in decay)):
             stale = plan.update_(decay, None, skip)
         else:
             if self.num_decays == 1 and not isinstance(decay, (list, tuple)):
                 decay = [decay]
-            stale = self.try_update_(*_split_decays(decay), skip)
+            stale = self.try_update_(*_split_decays(decay), skip, *self.step_args(step))
         if stale >= 0:
             raise validation.stale_error(stale, len(self.params), self.num_decays)
 
