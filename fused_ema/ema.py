@@ -77,6 +77,12 @@ class FusedEMA:
             ``state_dict()``, skipped by ``swapped``/``copy_to``/``store``/``restore``; the
             EMA must then be on the model's device. ``"copy"``: copies in the EMA dtype,
             refreshed at every update. ``"average"``: averaged like the others (torch_ema).
+        rounding: ``"nearest"`` (default) or ``"stochastic"``: a bf16 EMA
+            (``ema_dtype=torch.bfloat16``) whose averaged tensors are rounded up or down with
+            probability given by the distance, so it keeps moving where round-to-nearest
+            stops; the random bits are a pure function of (``seed``, step, tensor,
+            element), so a resumed run continues bit for bit.
+        seed: the seed of stochastic rounding (an integer in [0, 2**63)).
 
     The step counter counts calls to ``update`` (optimizer steps, with ``attach``). A
     schedule is evaluated at ``step - update_after_step``, so ``Warmup`` and ``Cosine``
