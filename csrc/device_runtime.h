@@ -70,6 +70,9 @@ class Runtime {
   // the host's progress, no host wait.
   virtual void wait_host_value(int device, Stream stream, const uint32_t* flag,
                                uint32_t value) = 0;
+  // The host's side of it: stores `value` to `flag` (release order), so work
+  // waiting for it may run from now on.
+  virtual void signal_host_value(uint32_t* flag, uint32_t value) = 0;
 };
 
 // The runtime in use: the CUDA one in a CUDA build, or the one a test installed.

@@ -198,6 +198,10 @@ class CudaRuntime final : public device::Runtime {
     TORCH_CHECK(err == CUDA_SUCCESS, "fused_ema: cuStreamWaitValue32 failed (CUresult ",
                 static_cast<int>(err), ")");
   }
+
+  void signal_host_value(uint32_t* flag, uint32_t value) override {
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);  // the GPU reads it from host memory
+  }
 };
 
 }  // namespace

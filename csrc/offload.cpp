@@ -103,6 +103,7 @@ HostOffload::HostOffload(std::vector<at::Tensor> emas, std::vector<at::Tensor> p
   for (int64_t s = 0; s < num_slots_; ++s) __atomic_store_n(consumed_ + s, 0u, __ATOMIC_RELEASE);
   skip_host_ = static_cast<char*>(control_.get()) + num_slots_ * 4;
   issued_.assign(static_cast<size_t>(num_slots_), 0);
+  consumed_count_.assign(static_cast<size_t>(num_slots_), 0);
   side_ = runtime_->side_stream(device_);
 
   // The copies (runs of adjacent device memory become one) and each chunk's CPU
@@ -227,7 +228,7 @@ bool HostOffload::consume(const std::vector<double>& decays) {
         error = std::current_exception();  // the slots are still released below
       }
     }
-    __atomic_fetch_add(consumed_ + slot, 1u, __ATOMIC_RELEASE);  // the side stream waits on it
+    runtime_->signal_host_value(consumed_ + slot, ++consumed_count_[slot]);  // slot free
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);

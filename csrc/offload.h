@@ -108,6 +108,7 @@ class HostOffload {
   at::DataPtr control_;  // pinned: one uint32 per slot (uses consumed), then the skip flag
   std::vector<uint32_t> issued_;  // per slot: uses issued (training thread)
   uint32_t* consumed_ = nullptr;  // per slot, in control_ (worker writes, GPU reads)
+  std::vector<uint32_t> consumed_count_;  // per slot: what the worker wrote there
   void* skip_host_ = nullptr;
   ScalarKind skip_kind_ = ScalarKind::Bool;
   // The last issue(): its events (one per chunk) and whether it carried a skip flag.

@@ -267,6 +267,9 @@ class FakeRuntime final : public device::Runtime {
   void wait_host_value(int, device::Stream, const uint32_t*, uint32_t) override {
     error("wait_host_value: use the queued fake for the offload");
   }
+  void signal_host_value(uint32_t*, uint32_t) override {
+    error("signal_host_value: use the queued fake for the offload");
+  }
 
   // ---- kernels ----
   void launch(const Plan& plan, const UpdateArgs& args, DeviceView table) {

@@ -10,11 +10,15 @@
 //   earlier to its source (the copy not ordered after the optimizer), a write
 //   that runs before a copy queued earlier from its memory (the next step not
 //   ordered after the copy).
+// - A host signal (signal_host_value) runs what waited for it at once, before
+//   the host goes on: the earliest a GPU could, so a slot released too early is
+//   overwritten before the host has read it, every time.
 // - Host waits (sync_event) are logged with the thread: one on the training
 //   thread is an error. Device-to-host bytes and copies are counted, and the
 //   pinned memory alive (and its peak).
 #include <torch/extension.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -270,6 +274,13 @@ class QueuedRuntime final : public device::Runtime {
     pump();
   }
 
+  void signal_host_value(uint32_t* flag, uint32_t value) override {
+    std::lock_guard<std::recursive_mutex> lock(mu);
+    log("signal_host_value");
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+    pump();  // what waited for it runs now, before the host goes on: as early as a GPU could
+  }
+
   // ---- the test's side ----
   void write(intptr_t stream, const at::Tensor& dst, const at::Tensor& src) {
     std::lock_guard<std::recursive_mutex> lock(mu);
@@ -298,6 +309,10 @@ class QueuedRuntime final : public device::Runtime {
 };
 
 std::vector<QueuedRuntime*> runtimes;  // kept: offloads built on one may outlive a test
+
+// A thread that runs the streams continuously, as a GPU runs beside the host.
+std::atomic<bool> gpu_running{false};
+std::thread gpu_thread;
 
 QueuedRuntime& q() {
   TORCH_CHECK(!runtimes.empty(), "fake_offload: q_install() first");
@@ -331,6 +346,25 @@ void register_fake_offload(pybind11::module_& m) {
     q().pump();
     return q().stuck();
   }, "Runs what can run; returns the number of ops still waiting.");
+  m.def("q_gpu_start", [] {
+    using namespace fused_ema::fake;
+    TORCH_CHECK(!gpu_running.exchange(true), "fake_offload: the GPU thread already runs");
+    QueuedRuntime* r = &q();
+    gpu_thread = std::thread([r] {
+      while (gpu_running.load()) {
+        {
+          std::lock_guard<std::recursive_mutex> lock(r->mu);
+          r->pump();
+        }
+        std::this_thread::yield();
+      }
+    });
+  }, "Runs the streams on a thread of their own until q_gpu_stop().");
+  m.def("q_gpu_stop", [] {
+    using namespace fused_ema::fake;
+    gpu_running.store(false);
+    if (gpu_thread.joinable()) gpu_thread.join();
+  }, py::call_guard<py::gil_scoped_release>());
   m.def("q_errors", [] {
     std::lock_guard<std::recursive_mutex> lock(q().mu);
     return q().errors;
