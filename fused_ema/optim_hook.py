@@ -16,6 +16,7 @@ class Handle:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._ema.synchronize()  # no later step waits for an update the hook queued
         self._ema._attached.pop(id(self._optimizer), None)
 
     def __enter__(self):

@@ -149,6 +149,19 @@ def test_attach_same_bits_and_grad_scaler_skips(engine, name):
     assert_same(results[1][1], results[0][1])
 
 
+def test_removing_the_hook_waits_for_its_update(gated):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = FusedEMA(model, decay=0.5, non_blocking=True)
+    handle = ema.attach(opt)
+    train_step(model, opt, torch.Generator().manual_seed(0))
+    assert ema._worker.pending
+    threading.Timer(0.05, gated.set).start()
+    handle.remove()
+    assert not ema._worker.pending
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
 def test_the_pre_step_hook_waits_before_the_optimizer_writes(gated):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

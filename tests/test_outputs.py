@@ -22,6 +22,8 @@ SCRIPTS = [
                                      "--only", "torch_ema"], "bench_dropins.md", []),
     ("benchmarks/bench_frozen.py", ["--layers", "2", "--width", "64", "--rounds", "1",
                                     "--seconds", "0.01"], "bench_frozen.md", []),
+    ("benchmarks/bench_nonblocking.py", ["--model", "tiny", "--rounds", "1", "--calls", "1",
+                                         "--steps", "1"], "bench_nonblocking.md", []),
     ("examples/dqn_cartpole.py", ["--quick", "--seeds", "0", "--steps", "600", "--workers", "1"],
      "dqn_cartpole.md", ["gymnasium", "matplotlib", "tqdm"]),
     ("examples/byol_digits.py", ["--quick", "--steps", "10", "--workers", "1"],
