@@ -287,6 +287,18 @@ def test_a_tensor_replaced_while_pending_is_finished_on_the_training_thread(engi
     assert_same(results[1], results[0])
 
 
+def test_updates_from_another_model_or_a_parameter_list_are_queued_too(engine):
+    model, other = make_model(), make_model(7)
+    results = []
+    for non_blocking in (False, True):
+        ema = FusedEMA(model, decay=0.5, non_blocking=non_blocking)
+        ema.update(other)  # matched by name, through a binding for this update only
+        ema.update(list(model.parameters()))  # torch_ema's update(parameters)
+        results.append(snapshot(ema))
+        assert ema.step == 2
+    assert_same(results[1], results[0])
+
+
 def test_options():
     model = make_model()
     with pytest.raises(ValueError, match="non_blocking=True .* capturable=True"):
