@@ -80,7 +80,7 @@ class FusedEMA:
             refreshed at every update. ``"average"``: averaged like the others (torch_ema).
         non_blocking: for an EMA in host memory (``device="cpu"`` or a CPU model):
             ``update()`` and the ``attach`` hook queue the update on a worker thread and
-            return; every method of this object waits for it first, and so does
+            return; every method that touches a tensor waits for it first, and so does
             ``optimizer.step()`` with ``attach`` (a pre-step hook). Without ``attach``,
             call ``ema.synchronize()`` before anything writes the model's weights (the
             worker reads them). An EMA on an accelerator ignores it (its update is already
@@ -502,9 +502,10 @@ class FusedEMA:
 
     def synchronize(self) -> None:
         """Waits for the update queued by ``non_blocking=True`` (a no-op when none is
-        pending). Every method of this object calls it first, and so does the optimizer's
-        ``step()`` with ``attach``; call it yourself before anything else writes the
-        model's weights (the worker reads them), or reads the EMA tensors directly.
+        pending). Every method that touches a tensor calls it first, and so does the
+        optimizer's ``step()`` with ``attach``; call it yourself before anything else
+        writes the model's weights (the worker reads them), or reads the EMA tensors
+        directly.
 
         An exception in the worker is raised here, the original one, after the step
         counter is set back to that update's step: the EMA is then as a synchronous
