@@ -475,20 +475,26 @@ class FusedEMA:
             self._step = s + 1
             return
         decays = self._decays_at(s)
+        queue = self.non_blocking and self._device.type == "cpu" and not compiling
+        ready = None
         if b.cross:
-            b.stage()
             if skip is not None and skip.device != self._device:
-                skip = skip.to(self._device)
-        if self.non_blocking and self._device.type == "cpu" and not compiling:
-            self._queue(b, decays, skip, rebind, s)
+                # queued: read by the worker once `ready` (recorded after it) completes
+                skip = skip.to(self._device, non_blocking=queue)
+            ready = b.stage(wait=not queue)  # a CUDA model, queued: the worker waits
+        if queue:
+            self._queue(b, decays, skip, rebind, s, ready)
         else:
             self._run(b, decays, skip, rebind)
         self._step = s + 1
 
-    def _queue(self, b, decays, skip, rebind, s: int) -> None:
-        """Queues the update on the worker thread (nothing is pending: update() waited)."""
+    def _queue(self, b, decays, skip, rebind, s: int, ready=None) -> None:
+        """Queues the update on the worker thread (nothing is pending: update() waited).
+        ``ready``: a CUDA event the staging copies complete at, waited on by the worker."""
 
         def job():
+            if ready is not None:
+                ready.synchronize()  # on the worker: the training thread does not wait
             try:
                 b.run(decays, skip)
             except Stale as stale:
