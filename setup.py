@@ -28,7 +28,7 @@ import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 CSRC = "csrc"
-HOST_SOURCES = [os.path.join(CSRC, f) for f in ("plan.cpp", "ema_cpu.cpp", "bindings.cpp")]
+HOST_SOURCES = [os.path.join(CSRC, f) for f in ("plan.cpp", "ema_cpu.cpp", "offload.cpp", "bindings.cpp")]
 CUDA_SOURCES = [os.path.join(CSRC, "ema_cuda.cu")]
 
 # The GPUs people train on: Ampere (A100, RTX 30), Ada (L4, L40, RTX 40), Hopper

@@ -5,6 +5,7 @@
 
 #include <unordered_map>
 
+#include "offload.h"
 #include "plan.h"
 
 namespace fused_ema {
@@ -237,4 +238,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The instruction set the CPU update loop runs with here (picked at run time).");
   m.attr("CHUNK") = fused_ema::kChunk;
   m.attr("MAX_DECAYS") = fused_ema::kMaxDecays;
+  fused_ema::register_offload(m);
 }

@@ -8,13 +8,15 @@
 // Deliberately absent: cudaMalloc, cudaFree and any stream or device
 // synchronisation. Device memory comes from a stream-ordered caching allocator
 // and the upload is stream-ordered, so no update, warm or cold, waits for the
-// device; the one host wait (`sync_event`) is on the rare path of a table first
-// used inside a graph capture.
+// device; the host waits (`sync_event`) are on the rare path of a table first
+// used inside a graph capture, and on the offload's worker thread (offload.h),
+// never on the training thread.
 #pragma once
 
 #include <c10/core/Allocator.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 
 namespace fused_ema {
@@ -55,6 +57,22 @@ class Runtime {
   // their launches are gone. `release` runs on a runtime thread that must not
   // call the runtime.
   virtual void retain_in_graph(Graph graph, std::function<void()> release) = 0;
+
+  // For the host-memory EMA (offload.h): device-to-host copies on a stream of
+  // their own, gated by what the host has consumed.
+  // A stream of `device` for copies, not the current one (from torch's pool).
+  virtual Stream side_stream(int device) = 0;
+  // Copies `bytes` from device memory `src` to pinned `dst` on `stream`.
+  virtual void copy_to_host_async(int device, void* dst, const void* src, size_t bytes,
+                                  Stream stream) = 0;
+  // Work queued on `stream` after this waits until the 32-bit word at `flag`
+  // (pinned host memory, written by the host) is >= `value`: a stream wait on
+  // the host's progress, no host wait.
+  virtual void wait_host_value(int device, Stream stream, const uint32_t* flag,
+                               uint32_t value) = 0;
+  // The host's side of it: stores `value` to `flag` (release order), so work
+  // waiting for it may run from now on.
+  virtual void signal_host_value(uint32_t* flag, uint32_t value) = 0;
 };
 
 // The runtime in use: the CUDA one in a CUDA build, or the one a test installed.

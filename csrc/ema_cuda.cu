@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -44,6 +45,27 @@ int multiprocessor_count(int device) {
 }
 
 cudaStream_t as_cuda(device::Stream s) { return static_cast<cudaStream_t>(s); }
+
+// cuStreamWaitValue32 (a driver call) through the runtime's entry-point query,
+// so the extension does not link libcuda itself.
+using WaitValue32 = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+WaitValue32 wait_value32() {
+  static const WaitValue32 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &p, 12000,
+                                                    cudaEnableDefault, &found));
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuStreamWaitValue32", &p, cudaEnableDefault,
+                                           &found));
+#endif
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && p != nullptr,
+                "fused_ema: the CUDA driver has no cuStreamWaitValue32");
+    return reinterpret_cast<WaitValue32>(p);
+  }();
+  return fn;
+}
 
 // Lets this thread make calls that global-mode capture forbids (an event wait
 // is safe: it touches no capturing stream).
@@ -151,6 +173,34 @@ class CudaRuntime final : public device::Runtime {
       (void)cudaUserObjectRelease(object, 1);  // runs `release`
       C10_CUDA_CHECK(retain_err);
     }
+  }
+
+  device::Stream side_stream(int device) override {
+    return c10::cuda::getStreamFromPool(/*isHighPriority=*/false,
+                                        static_cast<c10::DeviceIndex>(device))
+        .stream();
+  }
+
+  void copy_to_host_async(int device, void* dst, const void* src, size_t bytes,
+                          device::Stream stream) override {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, as_cuda(stream)));
+  }
+
+  void wait_host_value(int device, device::Stream stream, const uint32_t* flag,
+                       uint32_t value) override {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    void* mapped = nullptr;  // pinned memory is mapped (the same address under UVA)
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, const_cast<uint32_t*>(flag), 0));
+    const CUresult err = wait_value32()(reinterpret_cast<CUstream>(as_cuda(stream)),
+                                        reinterpret_cast<CUdeviceptr>(mapped), value,
+                                        CU_STREAM_WAIT_VALUE_GEQ);
+    TORCH_CHECK(err == CUDA_SUCCESS, "fused_ema: cuStreamWaitValue32 failed (CUresult ",
+                static_cast<int>(err), ")");
+  }
+
+  void signal_host_value(uint32_t* flag, uint32_t value) override {
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);  // the GPU reads it from host memory
   }
 };
 

@@ -202,13 +202,22 @@ class Binding:
         they hold, they check before they write)."""
         return self._watch.first_changed() < 0
 
-    def stage(self) -> None:
-        """Copies the model's tensors to the EMA's device (an EMA kept elsewhere)."""
+    def stage(self, wait: bool = True):
+        """Copies the model's tensors to the EMA's device (an EMA kept elsewhere). From a
+        CUDA model with ``wait=False``: returns an event recorded after the copies on the
+        current stream instead of waiting for them (whoever reads the staging waits on
+        it; the next work queued on that stream, the optimizer's, follows the copies)."""
         with torch.no_grad():
             for s, t in self._staging:
                 s.copy_(t, non_blocking=self._pin_sync)
         if self._pin_sync:
-            torch.cuda.current_stream(self._staging[0][1].device).synchronize()
+            stream = torch.cuda.current_stream(self._staging[0][1].device)
+            if not wait:
+                event = torch.cuda.Event()
+                event.record(stream)
+                return event
+            stream.synchronize()
+        return None
 
     def run(self, decays, skip, start: int = 0, step=0) -> None:
         """One update: ``decays`` is a list of host floats (one per EMA) or a tensor of

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed, ema_copy, optim_hook, selection, validation
+from .worker import Worker
 from .binding import Binding, ListRun, Stale, match, model_device
 from .options import DecayLike, Options, check_placement, constant_decays
 from .schedules import Schedule
@@ -83,6 +84,13 @@ class FusedEMA:
             stops; the random bits are a pure function of (``seed``, step, tensor,
             element), so a resumed run continues bit for bit.
         seed: the seed of stochastic rounding (an integer in [0, 2**63)).
+        non_blocking: for an EMA in host memory (``device="cpu"`` or a CPU model):
+            ``update()`` and the ``attach`` hook queue the update on a worker thread and
+            return; every method that touches a tensor waits for it first, and so does
+            ``optimizer.step()`` with ``attach`` (a pre-step hook). Without ``attach``,
+            call ``ema.synchronize()`` before anything writes the model's weights (the
+            worker reads them). An EMA on an accelerator ignores it (its update is already
+            an asynchronous launch). Not with ``capturable=True``.
 
     The step counter counts calls to ``update`` (optimizer steps, with ``attach``). A
     schedule is evaluated at ``step - update_after_step``, so ``Warmup`` and ``Cosine``
@@ -113,9 +121,10 @@ class FusedEMA:
         frozen: str = "share",
         rounding: str = "nearest",
         seed: int = 0,
+        non_blocking: bool = False,
     ):
         opts = Options.check(decay, tau, decays, update_after_step, update_every, ema_dtype,
-                             buffers, capturable, frozen, rounding, seed)
+                             buffers, capturable, frozen, rounding, seed, non_blocking)
         self._schedules: List[Schedule] = opts.schedules
         self.num_decays = len(opts.schedules)
         self.update_after_step = opts.update_after_step
@@ -126,6 +135,9 @@ class FusedEMA:
         self.frozen = opts.frozen
         self.rounding = opts.rounding
         self.seed = opts.seed
+        self.non_blocking = opts.non_blocking
+        self._worker: Optional[Worker] = None  # started by the first queued update
+        self._pending = None  # what the queued update needs to be finished here
         self._device_explicit = device is not None
 
         # -- what happens to each tensor
@@ -214,6 +226,16 @@ class FusedEMA:
     # ------------------------------------------------------------------ properties
 
     @property
+    def modules(self) -> Optional[List[nn.Module]]:
+        """The EMA models, one per decay (None for a list of tensors)."""
+        self.synchronize()
+        return self._modules
+
+    @modules.setter
+    def modules(self, value: Optional[List[nn.Module]]) -> None:
+        self._modules = value
+
+    @property
     def module(self) -> Optional[nn.Module]:
         """The (first) EMA model: a frozen deep copy in eval mode whose weights are the EMA."""
         return self.modules[0] if self.modules is not None else None
@@ -238,6 +260,7 @@ class FusedEMA:
     def parameters(self, index: int = 0) -> List[torch.Tensor]:
         """The EMA of each parameter, in the model's (or the given list's) order (a shared
         frozen parameter is the model's own)."""
+        self.synchronize()
         if self._model is None:
             return list(self._bare_emas[index])
         return list(self.modules[index].parameters())
@@ -346,6 +369,7 @@ class FusedEMA:
     @torch.compiler.disable  # plans are built eagerly, also when update() is compiled
     def _bind(self) -> Binding:
         """Binds the EMA to its own model's current tensors."""
+        self.synchronize()
         self._binding = binding = self._binding_for()
         if self.capturable and self._step_t.device != self._device:
             self._step_t = self._step_t.to(self._device)
@@ -358,6 +382,7 @@ class FusedEMA:
             self._step_t = self._step_t.to(device)
 
     def _ensure_bound(self) -> Binding:
+        self.synchronize()
         b = self._binding
         if b is None or not b.intact():
             b = self._bind()
@@ -368,6 +393,7 @@ class FusedEMA:
         tensor was replaced; call it after changing ``requires_grad``). With
         ``frozen="share"``, a parameter unfrozen since gets an EMA of its own (starting
         from its current value), one frozen since is shared (its EMA dropped)."""
+        self.synchronize()
         self._match(None)  # a model of other names or shapes: the usual error, nothing changed
         sources = (selection.walk(self._model) if self._model is not None
                    else selection.from_list(list(zip(self._known_order, self._bare))))
@@ -425,7 +451,12 @@ class FusedEMA:
         counter, as reading it would need a host sync. ``step``: the optimizer step this
         update is for (timm, diffusers): the counter is set to it first, so the update
         applies the decay of that step.
+
+        With ``non_blocking=True`` (an EMA in host memory) the update is queued on the
+        worker thread and this returns (after waiting for the previous one); see
+        ``synchronize``.
         """
+        self.synchronize()
         if step is not None:
             self._set_step(validation.check_count("step", step))
         if skip is not None:  # a Python bool too
@@ -455,12 +486,67 @@ class FusedEMA:
             self._step = s + 1
             return
         decays = self._decays_at(s)
+        queue = self.non_blocking and self._device.type == "cpu" and not compiling
+        ready = None
         if b.cross:
-            b.stage()
             if skip is not None and skip.device != self._device:
-                skip = skip.to(self._device)
-        self._run(b, decays, skip, rebind, s)
+                # queued: read by the worker once `ready` (recorded after it) completes
+                skip = skip.to(self._device, non_blocking=queue)
+            ready = b.stage(wait=not queue)  # a CUDA model, queued: the worker waits
+        if queue:
+            self._queue(b, decays, skip, rebind, s, ready)
+        else:
+            self._run(b, decays, skip, rebind, s)
         self._step = s + 1
+
+    def _queue(self, b, decays, skip, rebind, s: int, ready=None) -> None:
+        """Queues the update on the worker thread (nothing is pending: update() waited).
+        ``ready``: a CUDA event the staging copies complete at, waited on by the worker."""
+
+        def job():
+            if ready is not None:
+                ready.synchronize()  # on the worker: the training thread does not wait
+            try:
+                b.run(decays, skip, 0, s)
+            except Stale as stale:
+                return stale.start  # nothing of that group written: finished by synchronize()
+            return None
+
+        if self._worker is None:
+            self._worker = Worker()
+        self._pending = (decays, skip, rebind, s)
+        self._worker.submit(job)
+
+    def synchronize(self) -> None:
+        """Waits for the update queued by ``non_blocking=True`` (a no-op when none is
+        pending). Every method that touches a tensor calls it first, and so does the
+        optimizer's ``step()`` with ``attach``; call it yourself before anything else
+        writes the model's weights (the worker reads them), or reads the EMA tensors
+        directly.
+
+        An exception in the worker is raised here, the original one, after the step
+        counter is set back to that update's step: the EMA is then as a synchronous
+        ``update()`` that raised would leave it (the engine checks every tensor before it
+        writes one). A group of tensors whose plan found a tensor replaced (``.data =``)
+        was not written by the worker: it is bound again and updated here, on this thread.
+        """
+        w = self._worker
+        if w is None or not w.pending:
+            return
+        result, exc = w.wait()
+        decays, skip, rebind, s = self._pending
+        self._pending = None
+        if exc is not None:
+            self._step = s
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"fused_ema: raised by the non-blocking update of step {s} on the "
+                             f"worker thread; the step counter is back at {s}")
+            raise exc
+        if result is not None:
+            b = rebind() if rebind is not None else self._bind()
+            if b.cross:
+                b.stage()
+            self._run(b, decays, skip, rebind, s, int(result))
 
     def _list_run(self, tensors) -> ListRun:
         """The update from a parameter list of the EMA's layout (``update(params)``)."""
@@ -469,10 +555,9 @@ class FusedEMA:
                  for i, (t, _, kind) in enumerate(per_decay[0])]
         return ListRun(pairs, self.num_decays, self.rounding, self.seed)
 
-    def _run(self, b: Binding, decays, skip, rebind, step) -> None:
+    def _run(self, b: Binding, decays, skip, rebind, step, start: int = 0) -> None:
         """``step``: this update's counter (an int, or the device counter when capturable):
-        it keys stochastic rounding's random bits."""
-        start = 0
+        it keys stochastic rounding's random bits. ``start``: the first group to update."""
         while True:
             try:
                 return b.run(decays, skip, start, step)
@@ -606,6 +691,7 @@ class FusedEMA:
         if stored is None:
             raise RuntimeError("fused_ema: restore() without store(); call ema.store() before "
                                "copying the EMA into the model")
+        self.synchronize()  # the worker may be reading the model's tensors
         for t, saved in zip(stored[0], stored[1]):
             t.copy_(saved)
         self._stored = None
@@ -684,6 +770,7 @@ class FusedEMA:
     def _retensor(self, fn) -> None:
         """``e.data = fn(e)`` for every tensor the EMA owns (the objects stay: modules keep
         theirs; shared ones are the model's)."""
+        self.synchronize()
         tensors = [e for k in range(self.num_decays) for e in self._owned(k)]
         new = [fn(e.data) for e in tensors]  # all made before any is replaced
         for e, d in zip(tensors, new):
@@ -692,12 +779,20 @@ class FusedEMA:
     def __getstate__(self) -> Dict[str, Any]:
         # The binding (compiled plans, identity watch) is a cache rebuilt on first use;
         # optimizer hooks stay with the object that registered them.
+        self.synchronize()
         state = self.__dict__.copy()
         state["_binding"] = None
         state["_attached"] = {}
+        state["_worker"] = None
+        state["_pending"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "modules" in state:  # pickled before `modules` became a property
+            state["_modules"] = state.pop("modules")
+        state.setdefault("non_blocking", False)
+        state.setdefault("_worker", None)
+        state.setdefault("_pending", None)
         self.__dict__.update(state)
         # Bound now, so that a compiled update() never meets a missing binding. Where the
         # model is not whole yet (an EMA pickled inside its own model), the first update
@@ -712,6 +807,7 @@ class FusedEMA:
     def state_dict(self) -> Dict[str, Any]:
         """EMA tensors in their own dtype (one dict per decay: the EMA module's state_dict,
         or name -> tensor for a list of tensors), the step counter and the settings."""
+        self.synchronize()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
@@ -719,9 +815,11 @@ class FusedEMA:
         dtypes) and raises naming what differs, with nothing modified. ``strict=False``
         adopts the checkpoint's decays, ``update_after_step`` and ``update_every`` (settings
         that do not change the tensors) with a warning instead of refusing."""
+        self.synchronize()
         checkpoint.load_state_dict(self, state_dict, strict=strict)
 
     def _set_step(self, step: int) -> None:
+        self.synchronize()
         self._step = int(step)
         if self.capturable:
             self._step_t.fill_(int(step))

@@ -1,5 +1,7 @@
 """``FusedEMA.attach``: an optimizer step-post hook that updates the EMA, skipping the
-steps a ``GradScaler`` skipped (read from its found-inf flag, on the device)."""
+steps a ``GradScaler`` skipped (read from its found-inf flag, on the device); with
+``non_blocking=True`` also a step-pre hook that waits for the queued update before the
+optimizer writes the parameters the worker reads."""
 from typing import Optional
 
 import torch
@@ -8,11 +10,13 @@ import torch
 class Handle:
     """Returned by ``FusedEMA.attach``: ``remove()`` detaches the EMA from the optimizer."""
 
-    def __init__(self, ema, optimizer, handle):
-        self._ema, self._optimizer, self._handle = ema, optimizer, handle
+    def __init__(self, ema, optimizer, *handles):
+        self._ema, self._optimizer, self._handles = ema, optimizer, handles
 
     def remove(self) -> None:
-        self._handle.remove()
+        for h in self._handles:
+            h.remove()
+        self._ema.synchronize()  # no later step waits for an update the hook queued
         self._ema._attached.pop(id(self._optimizer), None)
 
     def __enter__(self):
@@ -50,7 +54,13 @@ def attach(ema, optimizer, scaler=None) -> Handle:
             skip = scaler_found_inf(scaler, opt)
         ema.update(skip=skip)
 
-    handle = Handle(ema, optimizer, optimizer.register_step_post_hook(hook))
+    handles = [optimizer.register_step_post_hook(hook)]
+    if ema.non_blocking:
+        def wait(opt, args, kwargs):
+            ema.synchronize()
+
+        handles.append(optimizer.register_step_pre_hook(wait))
+    handle = Handle(ema, optimizer, *handles)
     ema._attached[id(optimizer)] = handle
     return handle
 

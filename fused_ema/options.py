@@ -119,10 +119,12 @@ class Options:
     capturable: bool = False
     rounding: str = "nearest"
     seed: int = 0
+    non_blocking: bool = False
 
     @classmethod
     def check(cls, decay, tau, decays, update_after_step, update_every, ema_dtype, buffers,
-              capturable, frozen, rounding="nearest", seed=0) -> "Options":
+              capturable, frozen, rounding="nearest", seed=0,
+              non_blocking=False) -> "Options":
         schedules = schedules_from(decay, tau, decays)
         after = check_count("update_after_step", update_after_step, 0)
         every = check_count("update_every", update_every, 1)
@@ -134,8 +136,16 @@ class Options:
         if ema_dtype is not None:
             check_float_dtype("ema_dtype", ema_dtype)
         check_rounding(rounding)
+        if not isinstance(non_blocking, bool):
+            raise TypeError(f"fused_ema: non_blocking must be True or False, got "
+                            f"{type(non_blocking).__name__}")
+        if non_blocking and capturable:
+            raise ValueError(
+                "fused_ema: non_blocking=True runs the update on a worker thread, which "
+                "capturable=True (an update captured in a CUDA graph or traced by "
+                "torch.compile) cannot do; use one or the other")
         return cls(schedules, frozen, after, every, buffers, ema_dtype, bool(capturable),
-                   rounding, check_seed(seed))
+                   rounding, check_seed(seed), non_blocking)
 
 
 def check_placement(ema_device: torch.device, model_device: Optional[torch.device], *,

@@ -96,6 +96,10 @@ def main() -> None:
     model = shard(make_model(0), mesh)
     ema = FusedEMA(model, decay=DECAY)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    # the same EMA updated on a worker thread (issue 18): the optimizer's hooks queue it
+    # and wait for it; swapped() below writes the model, so it is synchronized first
+    ema_nb = FusedEMA(model, decay=DECAY, non_blocking=True)
+    ema_nb.attach(opt)
     ema_params = dict(ema.module.named_parameters())
     res["types"] = {n: (type(p).__name__, type(ema_params[n]).__name__,
                         p.device_mesh == ema_params[n].device_mesh,
@@ -116,6 +120,7 @@ def main() -> None:
             dcp.save({"model": model.state_dict(), "ema": ema.state_dict()},
                      checkpoint_id=os.path.join(ckpt, f"step_{step + 1:04d}"))
         if step + 1 == CKPT_STEP + 1:
+            ema_nb.synchronize()  # the worker reads the weights swapped() writes
             before = [p.to_local().clone() for p in model.parameters()]
             x, _ = batch(99)
             with torch.no_grad():
@@ -129,6 +134,10 @@ def main() -> None:
                                       for p, b in zip(model.parameters(), before))
                 res["after_swap_out"] = model(x)  # leaves the root's gathered params (FSDP2)
             res["plain_out"] = plain_out
+    res["nonblocking_step"] = ema_nb.step
+    res["nonblocking_equal"] = all(  # the local shards, bit for bit
+        torch.equal(a.to_local(), b.to_local())
+        for a, b in zip(ema.parameters(), ema_nb.parameters()))
     res["sharded_sd_types"] = sorted({type(v).__name__ for v in ema.state_dict()["emas"][0].values()})
     full = fdist.full_state_dict(ema)
     if rank == 0:

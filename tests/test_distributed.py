@@ -153,6 +153,15 @@ def test_fsdp_ema_is_sharded_like_the_params(run):
         assert "DTensor" in res["sharded_sd_types"]  # state_dict() is a sharded state dict
 
 
+def test_fsdp_non_blocking_ema_equals_the_synchronous_one(run):
+    """FusedEMA(non_blocking=True) attached to the FSDP2 optimizer: each rank's local
+    shards updated on its worker thread, bit for bit the synchronous EMA's."""
+    for rank in range(2):
+        res = _load(run, f"res_rank{rank}.pt")
+        assert res["nonblocking_step"] == W.STEPS
+        assert res["nonblocking_equal"]
+
+
 def test_fsdp_gathered_ema_equals_single_process(run, reference):
     full = _load(run, "fsdp_full.pt")
     assert full["step"] == W.STEPS

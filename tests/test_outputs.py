@@ -24,6 +24,8 @@ SCRIPTS = [
                                     "--seconds", "0.01"], "bench_frozen.md", []),
     ("benchmarks/bench_memory.py", ["--quick"], "bench_memory.md", []),
     ("benchmarks/bench_rounding.py", ["--quick"], "bench_rounding.md", []),
+    ("benchmarks/bench_nonblocking.py", ["--model", "tiny", "--rounds", "1", "--calls", "1",
+                                         "--steps", "1"], "bench_nonblocking.md", []),
     ("examples/dqn_cartpole.py", ["--quick", "--seeds", "0", "--steps", "600", "--workers", "1"],
      "dqn_cartpole.md", ["gymnasium", "matplotlib", "tqdm"]),
     ("examples/byol_digits.py", ["--quick", "--steps", "10", "--workers", "1"],

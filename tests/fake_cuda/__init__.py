@@ -1,5 +1,7 @@
-"""Builds the fake-CUDA test module: csrc/plan.cpp and csrc/ema_cpu.cpp (the real host
-code) linked with tests/fake_cuda/fake_cuda.cpp (a fake device::Runtime and a driver)."""
+"""Builds the fake-CUDA test module: csrc/plan.cpp, csrc/ema_cpu.cpp and csrc/offload.cpp
+(the real host code) linked with tests/fake_cuda/fake_cuda.cpp (a fake device::Runtime and
+a driver) and tests/fake_cuda/fake_offload.cpp (a fake with queued streams, for the
+offload's ordering)."""
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -16,7 +18,8 @@ def load():
     return load_extension(
         name="fused_ema_fake_cuda",
         sources=[os.path.join(CSRC, "plan.cpp"), os.path.join(CSRC, "ema_cpu.cpp"),
-                 os.path.join(HERE, "fake_cuda.cpp")],
+                 os.path.join(CSRC, "offload.cpp"), os.path.join(HERE, "fake_cuda.cpp"),
+                 os.path.join(HERE, "fake_offload.cpp")],
         extra_include_paths=[CSRC],
         extra_cflags=["-O1", "-fopenmp", "-ffp-contract=off"],
         build_directory=BUILD,

@@ -25,7 +25,10 @@
 #include <vector>
 
 #include "device_runtime.h"
+#include "offload.h"
 #include "plan.h"
+
+void register_fake_offload(pybind11::module_& m);  // fake_offload.cpp
 
 namespace fused_ema {
 namespace fake {
@@ -253,6 +256,21 @@ class FakeRuntime final : public device::Runtime {
     g->retained.push_back(std::move(release));
   }
 
+  // The offload's calls are modelled by the queued runtime (fake_offload.cpp).
+  device::Stream side_stream(int) override {
+    error("side_stream: use the queued fake for the offload");
+    return nullptr;
+  }
+  void copy_to_host_async(int, void*, const void*, size_t, device::Stream) override {
+    error("copy_to_host_async: use the queued fake for the offload");
+  }
+  void wait_host_value(int, device::Stream, const uint32_t*, uint32_t) override {
+    error("wait_host_value: use the queued fake for the offload");
+  }
+  void signal_host_value(uint32_t*, uint32_t) override {
+    error("signal_host_value: use the queued fake for the offload");
+  }
+
   // ---- kernels ----
   void launch(const Plan& plan, const UpdateArgs& args, DeviceView table) {
     count("launch");
@@ -440,6 +458,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (auto& [p, b] : rt().blocks) n += b.alive && !b.pinned;
     return n;
   });
+  fused_ema::register_offload(m);
+  register_fake_offload(m);
   m.def("num_released_tables", &fused_ema::num_released_tables);
   m.def("free_released_tables", &fused_ema::free_released_tables);
   m.def("update", &update, py::arg("emas"), py::arg("params"), py::arg("decays"),

@@ -1,0 +1,217 @@
+"""The host-memory EMA's pipeline (csrc/offload.cpp: chunked device-to-host copies on a
+side stream into bounded pinned staging, the CPU update per chunk on a worker thread),
+driven by a fake CUDA runtime whose streams are queues (tests/fake_cuda/fake_offload.cpp).
+
+The fake runs a stream's work only once what it waits on is done, as a GPU would, and
+checks the two hazards as work runs (a copy before the optimizer's write to its source; the
+next step's write before a copy from its memory); host waits are logged per thread. The
+"device" tensors are host tensors the fake's copies read; the test's "optimizer" writes
+them through the fake's training stream.
+"""
+import threading
+
+import pytest
+import torch
+
+from fused_ema import _ext
+
+TRAIN = 1  # the fake's current stream: the training stream
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled CPU kernels")
+
+
+@pytest.fixture(scope="module")
+def module():
+    import fake_cuda
+
+    return fake_cuda.load()
+
+
+@pytest.fixture
+def fake(module):
+    module.q_install()  # a fresh queued runtime; this thread is the training thread
+    yield module
+    assert module.q_drain() == 0, "work left waiting on a stream"
+    errors = module.q_errors()
+    module.q_uninstall()
+    assert errors == []
+
+
+def make(sizes, num_decays=1, dtype=torch.float32, ema_dtype=torch.float32, flat=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if flat:  # params laid out back to back (adjacent device memory)
+        buf = torch.randn(sum(sizes), generator=g).to(dtype)
+        params = list(buf.split(list(sizes)))
+    else:
+        params = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    emas = [[torch.randn(p.shape, generator=g).to(ema_dtype) for p in params]
+            for _ in range(num_decays)]
+    return params, emas
+
+
+def values(params, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+
+
+def offload(fake, params, emas, cap, chunk):
+    return fake.HostOffload([e for es in emas for e in es], params, len(emas), 0,
+                            cap_bytes=cap, chunk_bytes=chunk)
+
+
+def expected(emas, vals, decays):
+    """The same update through the compiled CPU op (the kernel the offload runs: same bits),
+    also under FUSED_EMA_BACKEND=python."""
+    out = [[e.clone() for e in es] for es in emas]
+    torch.ops.fused_ema.multi_ema_update_([e for es in out for e in es], vals, decays,
+                                          None, None)
+    return out
+
+
+def assert_equal(got, want):
+    for a, b in zip(got, want):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def consume_on_a_thread(off, decays, fake=None):
+    """``off.consume(decays)`` on a worker thread. With ``fake``: meanwhile a thread of
+    the fake runs its streams continuously, as a GPU runs beside the host (a slot released
+    before the host is done with it is then overwritten under it)."""
+    out = {}
+
+    def work():
+        try:
+            out["ran"] = off.consume(decays)
+        except Exception as exc:  # noqa: BLE001
+            out["error"] = exc
+
+    t = threading.Thread(target=work)
+    if fake is not None:
+        fake.q_gpu_start()
+    t.start()
+    t.join(30)
+    if fake is not None:
+        fake.q_gpu_stop()
+    assert not t.is_alive()
+    return out
+
+
+SIZES = (5, 1000, 70000, 3, 20000, 64)
+
+
+def test_the_copies_follow_the_optimizers_writes(fake):
+    params, emas = make(SIZES)
+    off = offload(fake, params, emas, cap=1 << 20, chunk=1 << 20)
+    vals = values(params, 0)
+    want = expected(emas, vals, [0.5])
+    held = fake.q_hold(TRAIN)  # the optimizer's kernels are still running at issue()
+    for p, v in zip(params, vals):
+        fake.q_write(TRAIN, p, v)
+    off.issue(TRAIN)
+    assert fake.q_counters()["d2h_copies"] > 0
+    fake.q_release(held)
+    assert consume_on_a_thread(off, [0.5]) == {"ran": True}
+    assert_equal(emas, want)
+
+
+@pytest.mark.parametrize("num_decays,dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_bounded_staging_and_the_next_step_after_the_copies(fake, num_decays, dtype):
+    """Staging for 2 chunks, 5 or 6 chunks per update: later chunks wait (on
+    the GPU) for the host to free a slot; the next optimizer step, queued while the
+    worker is still at it, waits (on the GPU) for the last copy. Same bits as the update
+    from each step's values."""
+    params, emas = make(SIZES, num_decays, dtype)
+    decays = [0.9, 0.5, 0.0][:num_decays]
+    chunk = (16 << 10) * params[0].element_size()
+    cap = 2 * chunk
+    off = offload(fake, params, emas, cap=cap, chunk=chunk)
+    assert off.num_slots == 2 and off.num_chunks > 2 * off.num_slots
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    for p, v in zip(params, values(params, 0)):
+        fake.q_write(TRAIN, p, v)
+    for step in range(6):
+        fake.q_reset_counters()
+        want = expected(emas, values(params, step), decays)
+        off.issue(TRAIN)
+        c = fake.q_counters()
+        assert c["d2h_bytes"] == off.staged_bytes == param_bytes  # the params once
+        # the training thread goes on: the next step's optimizer writes are queued now
+        off.order_before_writes(TRAIN)
+        for p, v in zip(params, values(params, step + 1)):
+            fake.q_write(TRAIN, p, v)
+        assert consume_on_a_thread(off, decays, fake) == {"ran": True}
+        assert_equal(emas, want)
+        c = fake.q_counters()
+        assert c["training_host_waits"] == 0 and c["host_waits"] == off.num_chunks
+        assert c["pinned_peak"] <= cap + 4 * off.num_slots + 8  # the cap plus the flags
+
+
+def test_call_order_and_no_host_wait_on_the_training_thread(fake):
+    params, emas = make(SIZES)
+    off = offload(fake, params, emas, cap=128 << 10, chunk=64 << 10)
+    fake.q_clear_calls()
+    off.issue(TRAIN)
+    off.order_before_writes(TRAIN)
+    assert consume_on_a_thread(off, [0.5]) == {"ran": True}
+    calls = fake.q_calls()
+    training = [c[2:] for c in calls if c.startswith("T:")]
+    worker = [c[2:] for c in calls if c.startswith("W:")]
+    assert "sync_event" not in training
+    # per chunk: a host wait for its copy, then (after its update) the slot's release
+    assert worker == ["sync_event", "signal_host_value"] * off.num_chunks
+    # an event after the optimizer, the side stream waits on it, then per chunk: the slot
+    # gate, the copies, the chunk's event; at last the training stream's wait
+    assert training[:2] == ["record_event", "wait_event"]
+    assert training[2] == "wait_host_value" and training[-1] == "wait_event"
+    assert training.count("wait_host_value") == off.num_chunks
+    assert training.count("copy_to_host") == off.num_copies
+
+
+def test_adjacent_tensors_are_one_copy_per_chunk(fake):
+    params, emas = make(SIZES, flat=True)
+    off = offload(fake, params, emas, cap=1 << 20, chunk=1 << 20)
+    # 64-byte aligned offsets in the slot break adjacency only where a size is not a
+    # multiple of 16 floats; the rest merge
+    separate = offload(fake, *make(SIZES), cap=1 << 20, chunk=1 << 20)
+    assert off.num_copies < separate.num_copies == len(SIZES)
+    big = [4096, 8192, 65536, 16]
+    one = offload(fake, *make(big, flat=True), cap=1 << 20, chunk=1 << 20)
+    assert one.num_chunks == 1 and one.num_copies == 1
+    for o in (off, separate, one):
+        o.issue(TRAIN)
+        assert consume_on_a_thread(o, [0.5]) == {"ran": True}
+
+
+def test_skip_flag_on_the_device_and_a_bad_decay_release_the_slots(fake):
+    params, emas = make(SIZES, seed=3)
+    off = offload(fake, params, emas, cap=128 << 10, chunk=64 << 10)
+    before = [[e.clone() for e in es] for es in emas]
+    off.issue(TRAIN, torch.tensor(True))  # a GradScaler found inf
+    assert consume_on_a_thread(off, [0.5]) == {"ran": False}
+    assert_equal(emas, before)
+    off.issue(TRAIN)
+    out = consume_on_a_thread(off, [1.5])
+    assert isinstance(out.get("error"), ValueError)  # checked before anything is written
+    assert_equal(emas, before)
+    want = expected(emas, [p.clone() for p in params], [0.25])
+    off.issue(TRAIN, torch.tensor(False))  # the slots were all released: no deadlock
+    assert consume_on_a_thread(off, [0.25]) == {"ran": True}
+    assert_equal(emas, want)
+
+
+def test_packing(module):
+    sizes = [5, 1000, 70000, 3, 20000, 64, 1]
+    chunk = 4096
+    chunks = module.pack_offload_chunks(sizes, [4] * len(sizes), chunk)
+    covered = {i: 0 for i in range(len(sizes))}
+    for segments in chunks:
+        end = 0
+        for tensor, start, length, offset in segments:
+            assert offset % 64 == 0 and offset >= end
+            assert start == covered[tensor]  # in order, no gap, no overlap
+            covered[tensor] += length
+            end = offset + 4 * length
+        assert end <= chunk
+    assert covered == dict(enumerate(sizes))
+    assert len(chunks) <= sum(sizes) * 4 // chunk + len(sizes)
