@@ -261,3 +261,16 @@ def test_capturable_stochastic_update_under_torch_compile():
         eager.update()
     assert all(torch.equal(a, b) for a, b in zip(ema_bits(eager), ema_bits(ema)))
     assert ema.step == 4
+
+
+def test_non_blocking_stochastic_update_gives_the_synchronous_bits(engine):
+    """The worker thread's update is keyed by the step it was queued at."""
+    model = bf16_model()
+    kw = dict(decay=0.9, ema_dtype=torch.bfloat16, rounding="stochastic", seed=6)
+    sync = FusedEMA(model, **kw)
+    queued = FusedEMA(model, non_blocking=True, **kw)
+    for _ in train_steps(model, 4, 5):
+        queued.synchronize()  # the next training step writes the weights the worker reads
+        sync.update()
+        queued.update()
+    assert all(torch.equal(a, b) for a, b in zip(ema_bits(sync), ema_bits(queued)))
