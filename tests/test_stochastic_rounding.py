@@ -270,7 +270,7 @@ def test_non_blocking_stochastic_update_gives_the_synchronous_bits(engine):
     sync = FusedEMA(model, **kw)
     queued = FusedEMA(model, non_blocking=True, **kw)
     for _ in train_steps(model, 4, 5):
-        queued.synchronize()  # the next training step writes the weights the worker reads
         sync.update()
         queued.update()
+        queued.synchronize()  # the next training step writes the weights the worker reads
     assert all(torch.equal(a, b) for a, b in zip(ema_bits(sync), ema_bits(queued)))
