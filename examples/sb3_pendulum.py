@@ -59,12 +59,17 @@ ZOO = {"DDPG": (-152.099, 94.282), "TD3": (-151.855, 90.227), "SAC": (-156.995, 
 @dataclasses.dataclass
 class Config:
     steps: int = 20_000           # zoo: n_timesteps
+    sac_steps: int = 0            # SAC's env steps, if not `steps` (0: `steps`)
     eval_every: int = 2_000       # deterministic evaluation along training ...
     eval_episodes: int = 5        # ... of this many episodes
     final_episodes: int = 20      # episodes of the final evaluation
     measure_every: int = 100      # critic estimate on the fixed states every this many steps
     n_states: int = 256           # the fixed states
     quick: bool = False           # small networks and batches (smoke test only)
+
+
+def run_steps(algo: str, cfg: Config) -> int:
+    return cfg.sac_steps if algo == "SAC" and cfg.sac_steps else cfg.steps
 
 
 def zoo_kwargs(algo: str, cfg: Config) -> dict:
@@ -146,18 +151,18 @@ def train(algo: str, tau: float, seed: int, cfg: Config) -> dict:
     env = gym.make("Pendulum-v1")
     model = getattr(stable_baselines3, algo)("MlpPolicy", env, tau=tau, seed=seed, device="cpu",
                                              verbose=0, **zoo_kwargs(algo, cfg))
-    model.learn(cfg.steps, callback=Monitor())
+    model.learn(run_steps(algo, cfg), callback=Monitor())
     final = evaluate(model, cfg.final_episodes, 0)
     return dict(algo=algo, tau=tau, seed=seed, final_returns=final, **record)
 
 
 # ----------------------------------------------------------------------------- summary
 
-def volatility(run: dict, cfg: Config) -> float:
+def volatility(run: dict, steps: int) -> float:
     """Mean |change| of the fixed-state estimate between consecutive records over the last
     quarter of training (when the returns have mostly settled, so drift from learning is small)."""
-    steps, q = np.asarray(run["measure_steps"]), np.asarray(run["q"])
-    keep = steps > 3 * cfg.steps // 4
+    q = np.asarray(run["q"])
+    keep = np.asarray(run["measure_steps"]) > 3 * steps // 4
     return float(np.abs(np.diff(q[keep])).mean()) if keep.sum() > 1 else float("nan")
 
 
@@ -212,13 +217,14 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str,
         "# DDPG, TD3 and SAC on Pendulum-v1 (Stable-Baselines3 + fused_ema): tau",
         "",
         f"Command: `{command_line('sb3_pendulum.py')}` ({clock.summary()}). "
-        f"{len(seeds)} seeds per cell, {cfg.steps} env steps each, rl-baselines3-zoo's "
+        f"{len(seeds)} seeds per cell, {cfg.steps} env steps each "
+        f"({run_steps('SAC', cfg)} for SAC), rl-baselines3-zoo's "
         "hyperparameters but tau; every target update went through "
         "`fused_ema.integrations.sb3.patch()`.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
         "",
-        f"- final return: the deterministic policy after {cfg.steps} steps, "
+        "- final return: the deterministic policy at the end, "
         f"{cfg.final_episodes} episodes per seed (the same episode seeds for every run); "
         "mean ± std over all episodes of all seeds (as the zoo reports its "
         "750 episodes), then the range of the per-seed means",
@@ -227,9 +233,9 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str,
         f"- volatility: mean |change| of that estimate between records {cfg.measure_every} "
         f"steps apart, over the last quarter of training, mean over seeds",
         "",
-        "| algorithm | tau | final return | per-seed means | zoo (20k steps) "
+        "| algorithm | tau | steps | final return | per-seed means | zoo (20k steps) "
         "| final Q(s, pi(s)) | volatility |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     per_seed = ["", "Per seed: final return (mean of the episodes) / volatility", "",
                 "| algorithm | tau | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -239,10 +245,11 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str,
             rs = mine(algo, tau)
             pooled = np.concatenate([r["final_returns"] for r in rs])
             means = [float(np.mean(r["final_returns"])) for r in rs]
-            vols = [volatility(r, cfg) for r in rs]
+            vols = [volatility(r, run_steps(algo, cfg)) for r in rs]
             zoo = f"{ZOO[algo][0]:.1f} ± {ZOO[algo][1]:.1f}" if tau == 0.005 else ""
             lines.append(
-                f"| {algo} | {tau:g} | {pooled.mean():.1f} ± {pooled.std():.1f} "
+                f"| {algo} | {tau:g} | {run_steps(algo, cfg)} "
+                f"| {pooled.mean():.1f} ± {pooled.std():.1f} "
                 f"| {min(means):.0f} .. {max(means):.0f} | {zoo} "
                 f"| {np.mean([r['q'][-1] for r in rs]):.1f} | {np.mean(vols):.2f} |")
             per_seed.append(f"| {algo} | {tau:g} | " + " | ".join(
@@ -261,6 +268,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds to run for every cell (default 0 1 2; --quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="env steps per run")
+    p.add_argument("--sac-steps", type=int, default=None,
+                   help="SAC's env steps, if not --steps (it trains from step 100, DDPG and "
+                   "TD3 from 10,000: the most expensive of the three)")
     p.add_argument("--quick", action="store_true",
                    help="a short smoke run (small networks, 600 steps)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -275,6 +285,8 @@ def main(argv=None):
                                   final_episodes=2, measure_every=50, quick=True)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.sac_steps:
+        cfg = dataclasses.replace(cfg, sac_steps=args.sac_steps)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     # Slowest first (SAC trains from step 100, DDPG and TD3 from 10k), so the pool ends evenly.
     jobs = [(algo, tau, s, cfg) for algo in ("SAC", "TD3", "DDPG") for tau in TAUS
