@@ -15,8 +15,7 @@ Two settings (``--settings``):
   cleanrl     (default) CleanRL's dqn.py on CartPole-v1: one Adam step every 10 env steps
               (lr 2.5e-4, batch 128, MSE), buffer 10,000, learning starts at 10,000,
               epsilon 1 -> 0.05 over half the run, MLP 120-84, hard copy every 500 env steps
-              (= 50 updates). CleanRL runs 500k steps; the full run here is shorter (see
-              --steps and examples/README.md).
+              (= 50 updates), 500k env steps.
   aggressive  one Adam step per env step (lr 1e-3, batch 64, Huber), buffer 50,000, MLP 64-64,
               epsilon over the first 20%: the setting where the target network is needed.
 
