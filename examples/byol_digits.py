@@ -8,8 +8,9 @@ forbids the trivial solution where every image maps to the same vector; the slow
 teacher and the predictor are the two things said to prevent it. This example
 crosses them:
 
-  teacher decay  0 (teacher = student), 0.9, 0.99, cosine 0.996 -> 1 (BYOL's
-                 schedule), 1.0 (teacher frozen at its random initialisation)
+  teacher decay  0 (teacher = student), 0.9, 0.99, 0.999 (the constant decays of BYOL's
+                 Table 5a), cosine 0.996 -> 1 (BYOL's schedule), 1.0 (teacher frozen at
+                 its random initialisation)
   predictor      with / without (without: the student's projection is compared
                  to the teacher's directly)
 
@@ -20,7 +21,7 @@ standard deviation of the L2-normalised projector outputs across a batch, times
 sqrt(dim) (about 1 for spread-out embeddings, near 0 for collapse).
 
     pip install -e .[examples]
-    python examples/byol_digits.py             # full run (about 5 minutes on 2 cores)
+    python examples/byol_digits.py             # full run (see examples/README.md for its time)
     python examples/byol_digits.py --quick     # smoke test (under a minute)
 
 Writes byol_digits.png and byol_digits.md under --out (default runs/ at the repository root,
@@ -38,9 +39,7 @@ import argparse
 import dataclasses
 import math
 import multiprocessing as mp
-import resource
 import sys
-import time
 from typing import Dict, List
 
 import numpy as np
@@ -50,10 +49,8 @@ import torch.nn.functional as F
 
 from fused_ema import FusedEMA, schedules
 
-# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-from outputs import add_output_args  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RunClock, add_output_args, command_line  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -80,6 +77,7 @@ def variants(cfg: Config) -> Dict[str, dict]:
         "0": 0.0,
         "0.9": 0.9,
         "0.99": 0.99,
+        "0.999": 0.999,
         "cosine 0.996->1": schedules.Cosine(0.996, 1.0, total_steps=cfg.steps),
         "1 (random teacher)": 1.0,
     }
@@ -267,21 +265,8 @@ def baselines(cfg: Config, seed: int) -> Dict[str, Dict[str, float]]:
 
 # ----------------------------------------------------------------------------- outputs
 
-def command_line(script: str) -> str:
-    """How this run was started, without --out (a local path)."""
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            args.append(a)
-    return " ".join(["python", f"examples/{script}"] + args)
-
-
 def write_outputs(runs: List[dict], base: Dict[int, dict], cfg: Config, seeds: List[int],
-                  out: str, elapsed: float, cpu: float) -> None:
+                  out: str, clock: RunClock) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -349,8 +334,7 @@ def write_outputs(runs: List[dict], base: Dict[int, dict], cfg: Config, seeds: L
     lines = [
         "# BYOL on sklearn digits: teacher decay × predictor",
         "",
-        f"Command: `{command_line('byol_digits.py')}` ({elapsed / 60:.1f} min wall clock, "
-        f"{cpu / 60:.1f} min CPU time). "
+        f"Command: `{command_line('byol_digits.py')}` ({clock.summary()}). "
         f"{len(seeds)} seeds per variant, {cfg.steps} AdamW steps of batch {cfg.batch_size} on "
         f"{round((1 - cfg.test_fraction) * 1797)} training images; probes tested on the other "
         f"{round(cfg.test_fraction * 1797)}.",
@@ -425,7 +409,7 @@ def main(argv=None):
     jobs = [("byol", name, v, s, cfg) for s in seeds for name, v in variants(cfg).items()]
     jobs = [("baselines", None, None, s, cfg) for s in seeds] + jobs
 
-    start = time.time()
+    clock = RunClock()
     runs, base = [], {}
     bar = tqdm(total=len(jobs), desc="BYOL runs", unit="run", file=sys.stdout)
 
@@ -445,12 +429,10 @@ def main(argv=None):
         for job in jobs:
             collect(_worker(job))
     bar.close()
-    elapsed = time.time() - start
-    cpu = sum(getattr(resource.getrusage(who), f) for who in
-              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
-    write_outputs(runs, base, cfg, seeds, args.out, elapsed, cpu)
+    clock.stop()
+    write_outputs(runs, base, cfg, seeds, args.out, clock)
     print(open(os.path.join(args.out, "byol_digits.md")).read())
-    print(f"wrote {args.out}/byol_digits.png and byol_digits.md in {elapsed:.0f} s")
+    print(f"wrote {args.out}/byol_digits.png and byol_digits.md in {clock.elapsed:.0f} s")
 
 
 if __name__ == "__main__":

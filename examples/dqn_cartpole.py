@@ -1,4 +1,4 @@
-"""DQN on CartPole-v1: what the target network buys.
+"""DQN on CartPole-v1: what the target network buys, at CleanRL's settings and at aggressive ones.
 
 A DQN regresses Q(s, a) onto r + gamma * max_a' Q_target(s', a'). Without a
 target network the bootstrap target comes from the network being trained: every
@@ -7,22 +7,32 @@ moving copy of the network, here kept by fused_ema and updated by the optimizer
 hook (``ema.attach(optimizer)``):
 
   no target    Q_target = Q itself (the target is computed under no_grad)
-  hard copy    FusedEMA(q, tau=1.0, update_every=C): copied every C steps (DQN, CleanRL)
-  soft update  FusedEMA(q, tau=0.005): target <- 0.995 target + 0.005 Q every step
+  hard copy    FusedEMA(q, tau=1.0, update_every=C): copied every C updates (DQN, CleanRL)
+  soft update  FusedEMA(q, tau=0.005): target <- 0.995 target + 0.005 Q every update
 
-Everything else is shared: replay buffer, epsilon-greedy, Huber loss, Adam. Every
+Two settings (``--settings``):
+
+  cleanrl     (default) CleanRL's dqn.py on CartPole-v1: one Adam step every 10 env steps
+              (lr 2.5e-4, batch 128, MSE), buffer 10,000, learning starts at 10,000,
+              epsilon 1 -> 0.05 over half the run, MLP 120-84, hard copy every 500 env steps
+              (= 50 updates), 500k env steps.
+  aggressive  one Adam step per env step (lr 1e-3, batch 64, Huber), buffer 50,000, MLP 64-64,
+              epsilon over the first 20%: the setting where the target network is needed.
+
+Everything else is shared: replay buffer, epsilon-greedy, Adam. Every
 variant runs with the same seeds, and a run is deterministic given its seeds. The seeds
 of a variant train side by side as one batched network (a seed dimension on every
 weight, see EnsembleLinear): independent DQNs, with their own environments, buffers,
 exploration and initialisations, computed in one call instead of ten.
 
     pip install -e .[examples]
-    python examples/dqn_cartpole.py             # full run (about 6 minutes on 2 cores)
-    python examples/dqn_cartpole.py --quick     # smoke test (under a minute)
+    python examples/dqn_cartpole.py                          # CleanRL's settings
+    python examples/dqn_cartpole.py --settings aggressive    # the divergence demonstration
+    python examples/dqn_cartpole.py --quick                  # smoke test (seconds)
 
-Writes dqn_cartpole.png and dqn_cartpole.md under --out (default runs/ at the repository root,
-ignored by git); --update-results writes them to examples/results/, the committed full-run
-results.
+Writes dqn_cartpole.png and dqn_cartpole.md (aggressive: dqn_cartpole_aggressive.*) under
+--out (default runs/ at the repository root, ignored by git); --update-results writes them to
+examples/results/, the committed full-run results.
 """
 import os
 
@@ -34,10 +44,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import dataclasses
 import multiprocessing as mp
-import resource
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,10 +54,8 @@ import torch.nn.functional as F
 
 from fused_ema import FusedEMA
 
-# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-from outputs import add_output_args  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RunClock, add_output_args, command_line  # noqa: E402
 
 SOLVED = 475.0      # CartPole-v1's "solved" threshold (the maximum return is 500)
 COLLAPSED = 200.0   # a run that had reached SOLVED and later scores below this has collapsed
@@ -58,27 +64,45 @@ SEEDS_PER_JOB = 5   # seeds trained side by side in one process
 
 @dataclasses.dataclass
 class Config:
-    steps: int = 40_000          # environment steps per run (one gradient step per env step)
+    steps: int = 40_000          # environment steps per run
     learning_starts: int = 1_000
+    train_every: int = 1         # one Adam step every this many env steps
     buffer_size: int = 50_000
     batch_size: int = 64
     lr: float = 1e-3
     gamma: float = 0.99
-    hidden: int = 64
+    hidden: Tuple[int, ...] = (64, 64)
+    loss: str = "huber"          # or "mse"
     eps_start: float = 1.0
     eps_end: float = 0.05
     eps_fraction: float = 0.2    # epsilon decays linearly over this fraction of the run
     eval_every: int = 1_000      # greedy evaluation every this many env steps ...
     eval_episodes: int = 5       # ... over this many episodes
-    hard_every: int = 500        # C for the hard copy
-    tau: float = 0.005           # tau for the soft update
+    hard_every: int = 500        # the hard copy every this many env steps
+    tau: float = 0.005           # tau for the soft update (every Adam step)
+
+
+SETTINGS = {
+    # CleanRL's dqn.py defaults (CartPole-v1); steps and eval_every are set in main()
+    "cleanrl": Config(steps=500_000, learning_starts=10_000, train_every=10, buffer_size=10_000,
+                      batch_size=128, lr=2.5e-4, hidden=(120, 84), loss="mse", eps_fraction=0.5,
+                      eval_every=5_000),
+    "aggressive": Config(),
+}
+STEM = {"cleanrl": "dqn_cartpole", "aggressive": "dqn_cartpole_aggressive"}
+CLEANRL = (488.69, 16.11)   # CleanRL's published dqn.py result on CartPole-v1 (mean ± std)
 
 
 def variants(cfg: Config) -> Dict[str, Optional[dict]]:
-    """Name -> FusedEMA keyword arguments (None: no target network)."""
+    """Name -> FusedEMA keyword arguments (None: no target network). The EMA counts Adam
+    steps (it is attached to the optimizer), so the hard copy's period is in updates."""
+    updates = cfg.hard_every // cfg.train_every
+    hard = f"hard copy every {cfg.hard_every} steps"
+    if cfg.train_every > 1:
+        hard += f" ({updates} updates)"
     return {
         "no target network": None,
-        f"hard copy every {cfg.hard_every} steps": dict(tau=1.0, update_every=cfg.hard_every),
+        hard: dict(tau=1.0, update_every=updates),
         f"soft update tau={cfg.tau:g}": dict(tau=cfg.tau),
     }
 
@@ -101,13 +125,14 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def q_network(seeds: List[int], obs_dim: int, n_actions: int, hidden: int) -> nn.Module:
+def q_network(seeds: List[int], obs_dim: int, n_actions: int,
+              hidden: Tuple[int, ...]) -> nn.Module:
     """One Q-network per seed, all computed in one batched call."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    n = len(seeds)
-    return nn.Sequential(EnsembleLinear(n, obs_dim, hidden, gens), nn.ReLU(),
-                         EnsembleLinear(n, hidden, hidden, gens), nn.ReLU(),
-                         EnsembleLinear(n, hidden, n_actions, gens))
+    n, dims, layers = len(seeds), [obs_dim, *hidden], []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        layers += [EnsembleLinear(n, fan_in, fan_out, gens), nn.ReLU()]
+    return nn.Sequential(*layers, EnsembleLinear(n, dims[-1], n_actions, gens))
 
 
 class ReplayBuffer:
@@ -181,8 +206,10 @@ def train(name: str, ema_kwargs: Optional[dict], seeds: List[int], cfg: Config,
         ema.attach(optimizer)                        # ... updated after every optimizer.step()
         target = ema.module
     buffer = ReplayBuffer(n, cfg.buffer_size, obs_dim, rngs)
+    loss_fn = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}[cfg.loss]
 
     eval_steps, eval_returns, q_values = [], [], []
+    episode_return, episodes = np.zeros(n), [[] for _ in seeds]   # training episodes (step, return)
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
     next_obs = np.empty_like(obs)
     reward, terminated = np.zeros(n, np.float32), np.zeros(n, np.float32)
@@ -197,20 +224,23 @@ def train(name: str, ema_kwargs: Optional[dict], seeds: List[int], cfg: Config,
         for k, env in enumerate(envs):
             next_obs[k], reward[k], term, trunc, _ = env.step(int(action[k]))
             terminated[k] = term
+            episode_return[k] += reward[k]
             if term or trunc:
                 reset.append(k)
+                episodes[k].append((step, float(episode_return[k])))
+                episode_return[k] = 0.0
         # Bootstrap through time-limit truncations; only a real termination ends the return.
         buffer.add(obs, action, reward, next_obs, terminated)
         obs[:] = next_obs
         for k in reset:
             obs[k] = envs[k].reset()[0]
 
-        if step >= cfg.learning_starts:
+        if step >= cfg.learning_starts and step % cfg.train_every == 0:
             b_obs, b_act, b_rew, b_next, b_term = buffer.sample(cfg.batch_size)
             with torch.no_grad():
                 y = b_rew + cfg.gamma * (1.0 - b_term) * target(b_next).max(-1).values
             q_sa = q(b_obs).gather(-1, b_act.unsqueeze(-1)).squeeze(-1)
-            loss = F.smooth_l1_loss(q_sa, y, reduction="none").mean(1).sum()
+            loss = loss_fn(q_sa, y, reduction="none").mean(1).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()                         # the target update happens here
@@ -226,37 +256,28 @@ def train(name: str, ema_kwargs: Optional[dict], seeds: List[int], cfg: Config,
                 progress.value += 100 * n
     curves, qs = np.stack(eval_returns, 1), np.stack(q_values, 1)
     return [dict(variant=name, seed=s, steps=eval_steps, returns=curves[k].tolist(),
-                 q=qs[k].tolist()) for k, s in enumerate(seeds)]
+                 q=qs[k].tolist(), episodes=episodes[k]) for k, s in enumerate(seeds)]
 
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(run: dict, final_evals: int) -> dict:
+def summarize(run: dict, final_evals: int, cfg: Config) -> dict:
     r = np.asarray(run["returns"])
     hit = np.nonzero(r >= SOLVED)[0]
     first = int(hit[0]) if len(hit) else None
     collapsed = first is not None and bool((r[first + 1:] < COLLAPSED).any())
+    # Training episodes (epsilon-greedy) that ended in the last 10% of the run: CleanRL's
+    # reported number is an episodic return of training episodes.
+    late = [ret for step, ret in run["episodes"] if step > 0.9 * cfg.steps]
     return dict(final=float(r[-final_evals:].mean()),
+                train=float(np.mean(late)) if late else float("nan"),
                 first_solved=None if first is None else run["steps"][first],
                 reached=first is not None, collapsed=collapsed,
                 frac_solved=float((r >= SOLVED).mean()))
 
 
-def command_line(script: str) -> str:
-    """How this run was started, without --out (a local path)."""
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            args.append(a)
-    return " ".join(["python", f"examples/{script}"] + args)
-
-
-def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, elapsed: float,
-                  cpu: float) -> None:
+def write_outputs(runs: List[dict], cfg: Config, settings: str, seeds: List[int], out: str,
+                  clock: RunClock) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -281,10 +302,11 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, ela
         axq.fill_between(steps, qs.min(0), qs.max(0), color=color, alpha=0.15)
     ax.axhline(SOLVED, color="k", ls=":", lw=1)
     ax.axhline(COLLAPSED, color="gray", ls=":", lw=1)
-    ax.set_xlabel("environment steps (= gradient steps)")
+    ax.set_xlabel("environment steps" + (" (= gradient steps)" if cfg.train_every == 1 else
+                                         f" (one gradient step every {cfg.train_every})"))
     ax.set_ylabel(f"greedy return (mean of {cfg.eval_episodes} episodes)")
-    ax.set_title(f"DQN on CartPole-v1, {len(seeds)} seeds: mean, ±1 std, thin lines = seeds",
-                 fontsize=10)
+    ax.set_title(f"DQN on CartPole-v1, {settings} settings, {len(seeds)} seeds: mean, ±1 std, "
+                 "thin lines = seeds", fontsize=10)
     ax.set_ylim(0, 510)
     ax.legend(loc="upper left", fontsize=8)
     q_max = (1 - cfg.gamma ** 500) / (1 - cfg.gamma)
@@ -295,16 +317,18 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, ela
     axq.set_title("value estimates: median, band = min..max over seeds", fontsize=10)
     axq.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "dqn_cartpole.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"{STEM[settings]}.png"), dpi=110)
     plt.close(fig)
 
+    every = ("one Adam step per env step" if cfg.train_every == 1 else
+             f"one Adam step every {cfg.train_every} env steps")
     lines = [
-        "# DQN on CartPole-v1: no target network vs hard copy vs soft update",
+        f"# DQN on CartPole-v1 ({settings} settings): no target network vs hard copy vs soft "
+        "update",
         "",
-        f"Command: `{command_line('dqn_cartpole.py')}`"
-        f" ({elapsed / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU time). "
+        f"Command: `{command_line('dqn_cartpole.py')}` ({clock.summary()}). "
         f"{len(seeds)} seeds per variant, "
-        f"{cfg.steps} env steps each, one Adam step per env step after {cfg.learning_starts}; "
+        f"{cfg.steps} env steps each, {every} after {cfg.learning_starts}; "
         f"greedy evaluation ({cfg.eval_episodes} episodes) every {cfg.eval_every} steps.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
@@ -317,20 +341,24 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, ela
         f"below {COLLAPSED:.0f}",
         f"- time at >= {SOLVED:.0f}: fraction of all evaluations at or above {SOLVED:.0f}, "
         "mean over seeds",
+        f"- training return: mean return of the training episodes (epsilon-greedy, epsilon "
+        f"{cfg.eps_end} by then) that ended in the last 10% of the run, mean ± std over seeds "
+        "(CleanRL reports the episodic return of training episodes)",
         "- final Q: the Q-network's mean max_a Q(s, a) on 256 replayed states at the end, "
         "median over seeds (the true value of a state is at most "
         f"{(1 - cfg.gamma ** 500) / (1 - cfg.gamma):.1f} with gamma={cfg.gamma})",
         "",
         f"| variant | final return | reached {SOLVED:.0f} | steps to {SOLVED:.0f} (median) "
-        f"| collapsed after reaching | time at >= {SOLVED:.0f} | final Q |",
-        "|---|---|---|---|---|---|---|",
+        f"| collapsed after reaching | time at >= {SOLVED:.0f} | training return | final Q |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     per_seed = ["", "Per seed: final return / steps to 475 / collapsed", "",
                 "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                 "|---|" + "---|" * len(seeds)]
     for name in names:
         mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
-        sums = [summarize(r, final_evals) for r in mine]
+        sums = [summarize(r, final_evals, cfg) for r in mine]
+        trains = np.array([s["train"] for s in sums])
         finals = np.array([s["final"] for s in sums])
         reached = [s for s in sums if s["reached"]]
         first = [s["first_solved"] for s in reached]
@@ -340,11 +368,15 @@ def write_outputs(runs: List[dict], cfg: Config, seeds: List[int], out: str, ela
             f"| {name} | {finals.mean():.1f} ± {finals.std():.1f} | {len(reached)}/{len(sums)} "
             f"| {med} | {n_coll}/{len(reached)} "
             f"| {np.mean([s['frac_solved'] for s in sums]):.0%} "
+            f"| {trains.mean():.1f} ± {trains.std():.1f} "
             f"| {np.median([r['q'][-1] for r in mine]):.3g} |")
         cells = [f"{s['final']:.0f} / {s['first_solved'] if s['reached'] else '-'} / "
                  f"{'yes' if s['collapsed'] else 'no'}" for s in sums]
         per_seed.append(f"| {name} | " + " | ".join(cells) + " |")
-    with open(os.path.join(out, "dqn_cartpole.md"), "w") as f:
+    if settings == "cleanrl":
+        lines += ["", f"CleanRL's dqn.py on CartPole-v1 (its documentation): {CLEANRL[0]} ± "
+                  f"{CLEANRL[1]} episodic return, 3 seeds, 500k steps."]
+    with open(os.path.join(out, f"{STEM[settings]}.md"), "w") as f:
         f.write("\n".join(lines + per_seed) + "\n")
 
 
@@ -364,18 +396,20 @@ def _worker(job):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--settings", choices=sorted(SETTINGS), default="cleanrl",
+                   help="CleanRL's dqn.py (default) or one Adam step per env step (aggressive)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds to run for every variant (default 0..9; --quick: 0 1)")
     p.add_argument("--steps", type=int, default=None, help="env steps per run")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    p.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (seconds)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes (one thread each)")
     add_output_args(p, __file__)
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    cfg = Config()
+    cfg = SETTINGS[args.settings]
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=2_000, learning_starts=500, eval_every=500,
                                   eval_episodes=2)
@@ -388,7 +422,7 @@ def main(argv=None):
     groups = [seeds[i:i + SEEDS_PER_JOB] for i in range(0, len(seeds), SEEDS_PER_JOB)]
     jobs = [(name, kw, g, cfg) for g in groups for name, kw in variants(cfg).items()]
 
-    start = time.time()
+    clock = RunClock()
     ctx = mp.get_context("spawn")
     progress = ctx.Value("q", 0)
     bar = tqdm(total=len(seeds) * len(variants(cfg)) * cfg.steps, desc="DQN env steps",
@@ -409,12 +443,11 @@ def main(argv=None):
             bar.update(progress.value - bar.n)
     bar.update(bar.total - bar.n)
     bar.close()
-    elapsed = time.time() - start
-    cpu = sum(getattr(resource.getrusage(who), f) for who in
-              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
-    write_outputs(runs, cfg, seeds, args.out, elapsed, cpu)
-    print(open(os.path.join(args.out, "dqn_cartpole.md")).read())
-    print(f"wrote {args.out}/dqn_cartpole.png and dqn_cartpole.md in {elapsed:.0f} s")
+    clock.stop()
+    write_outputs(runs, cfg, args.settings, seeds, args.out, clock)
+    stem = os.path.join(args.out, STEM[args.settings])
+    print(open(stem + ".md").read())
+    print(f"wrote {stem}.png and {stem}.md in {clock.elapsed:.0f} s")
 
 
 if __name__ == "__main__":

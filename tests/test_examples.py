@@ -45,7 +45,24 @@ def test_dqn_cartpole_quick(tmp_path):
     _need("gymnasium", "matplotlib", "tqdm")
     _run("dqn_cartpole.py", tmp_path)
     _check_outputs(tmp_path, "dqn_cartpole",
-                   ["no target network", "hard copy every", "soft update tau=", "seed 0", "seed 1"])
+                   ["cleanrl settings", "no target network", "hard copy every 500 steps (50 updates)",
+                    "soft update tau=", "training return", "CleanRL's dqn.py", "seed 0", "seed 1"])
+
+
+def test_dqn_cartpole_aggressive_quick(tmp_path):
+    _need("gymnasium", "matplotlib", "tqdm")
+    _run("dqn_cartpole.py", tmp_path, "--settings", "aggressive", "--seeds", "0")
+    _check_outputs(tmp_path, "dqn_cartpole_aggressive",
+                   ["aggressive settings", "no target network", "hard copy every 500 steps |",
+                    "soft update tau=", "seed 0"])
+
+
+def test_sb3_pendulum_quick(tmp_path):
+    _need("gymnasium", "stable_baselines3", "matplotlib", "tqdm")
+    _run("sb3_pendulum.py", tmp_path)
+    _check_outputs(tmp_path, "sb3_pendulum",
+                   [f"| {algo} | {tau} |" for algo in ("DDPG", "TD3", "SAC")
+                    for tau in ("1", "0.1", "0.005", "0.001")] + ["zoo", "volatility", "seed 0"])
 
 
 def test_byol_digits_quick(tmp_path):
@@ -53,4 +70,13 @@ def test_byol_digits_quick(tmp_path):
     _run("byol_digits.py", tmp_path)
     _check_outputs(tmp_path, "byol_digits",
                    ["raw pixels", "untrained encoder", "decay 0, predictor",
+                    "decay 0.9, predictor", "decay 0.999, no predictor",
                     "decay cosine 0.996->1, no predictor", "decay 1 (random teacher), predictor"])
+
+
+def test_moco_digits_quick(tmp_path):
+    _need("sklearn", "matplotlib", "tqdm")
+    _run("moco_digits.py", tmp_path)
+    _check_outputs(tmp_path, "moco_digits",
+                   ["raw pixels", "untrained encoder", "| 0 |", "| 0.9 |", "| 0.99 |", "| 0.999 |",
+                    "| 0.9999 |", "oscillation", "seed 0"])

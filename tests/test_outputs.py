@@ -30,6 +30,10 @@ SCRIPTS = [
      "dqn_cartpole.md", ["gymnasium", "matplotlib", "tqdm"]),
     ("examples/byol_digits.py", ["--quick", "--steps", "10", "--workers", "1"],
      "byol_digits.md", ["sklearn", "matplotlib", "tqdm"]),
+    ("examples/moco_digits.py", ["--quick", "--steps", "10", "--workers", "1"],
+     "moco_digits.md", ["sklearn", "matplotlib", "tqdm"]),
+    ("examples/sb3_pendulum.py", ["--quick", "--steps", "300", "--workers", "1"],
+     "sb3_pendulum.md", ["gymnasium", "stable_baselines3", "matplotlib", "tqdm"]),
     ("examples/posthoc_digits.py", ["--quick", "--steps", "60"], "posthoc_digits.md",
      ["sklearn", "matplotlib"]),
 ]

@@ -1,0 +1,61 @@
+"""What the examples share: how a run was started, its CPU time, and the load it ran under
+(the examples' timings are taken on a shared 2-core machine, so each table says how busy it
+was). The --out / --update-results convention lives in benchmarks/outputs.py."""
+import os
+import resource
+import sys
+import threading
+import time
+
+# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from outputs import add_output_args  # noqa: E402,F401  (re-exported for the examples)
+
+
+def command_line(script: str) -> str:
+    """How this run was started, without --out (a local path)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
+    return " ".join(["python", f"examples/{script}"] + args)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    return sum(getattr(resource.getrusage(who), f) for who in
+               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+
+
+class RunClock:
+    """Wall time, CPU time and the machine's 1-minute load average (sampled every
+    ``every`` seconds in a daemon thread) over a run."""
+
+    def __init__(self, every: float = 10.0):
+        self.start = time.time()
+        self.loads = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.loads.append(os.getloadavg()[0])
+
+    def stop(self) -> "RunClock":
+        self._stop.set()
+        self.loads.append(os.getloadavg()[0])
+        self.elapsed = time.time() - self.start
+        self.cpu = cpu_seconds()
+        return self
+
+    def summary(self) -> str:
+        """'12.3 min wall clock, 20.1 min CPU time, load average 2.4 (1.9..3.1) on N cores'"""
+        return (f"{self.elapsed / 60:.1f} min wall clock, {self.cpu / 60:.1f} min CPU time; "
+                f"machine load (1-min average) {sum(self.loads) / len(self.loads):.1f} mean, "
+                f"{min(self.loads):.1f}..{max(self.loads):.1f}, on {os.cpu_count()} cores")
