@@ -15,20 +15,6 @@ constexpr int64_t kSegmentAlign = 64;  // bytes: each segment starts a cache lin
 
 int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
-ScalarKind skip_kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBool: return ScalarKind::Bool;
-    case at::kByte: return ScalarKind::UInt8;
-    case at::kInt: return ScalarKind::Int32;
-    case at::kLong: return ScalarKind::Int64;
-    case at::kFloat: return ScalarKind::Float;
-    case at::kDouble: return ScalarKind::Double;
-    default:
-      TORCH_CHECK_TYPE(false, "fused_ema: skip must be a bool, integer, float or double "
-                              "tensor, got ", t.scalar_type());
-  }
-}
-
 }  // namespace
 
 std::vector<OffloadChunk> pack_offload_chunks(const std::vector<int64_t>& numels,
@@ -178,8 +164,7 @@ void HostOffload::issue(device::Stream stream, const std::optional<at::Tensor>& 
   runtime_->wait_event(side_, after_optimizer_);
   has_skip_ = skip.has_value() && skip->defined();
   if (has_skip_) {
-    TORCH_CHECK_VALUE(skip->numel() == 1, "fused_ema: skip must hold one value");
-    skip_kind_ = skip_kind_of(*skip);
+    skip_kind_ = checked_skip_kind(*skip);
     runtime_->copy_to_host_async(device_, skip_host_, skip->data_ptr(),
                                  static_cast<size_t>(skip->element_size()), side_);
   }

@@ -379,6 +379,15 @@ void check_decay_value(double d, int64_t k) {
 
 }  // namespace
 
+ScalarKind checked_skip_kind(const at::Tensor& skip) {
+  TORCH_CHECK_VALUE(skip.numel() == 1, "fused_ema: skip must hold one value, got ",
+                    skip.numel());
+  const std::optional<ScalarKind> kind = to_scalar_kind(skip.scalar_type());
+  TORCH_CHECK_TYPE(kind.has_value(), "fused_ema: skip must be a bool, integer, float32 or "
+                   "float64 tensor, got ", torch_name(skip.scalar_type()));
+  return *kind;
+}
+
 void check_stochastic(const Plan& plan) {
   const int64_t j = plan.first_non_bf16_ema;
   if (j < 0) return;
@@ -429,19 +438,16 @@ UpdateArgs make_update_args(const Plan& plan, c10::ArrayRef<double> decays,
   }
   if (skip.has_value() && skip->defined()) {
     const at::Tensor& s = *skip;
-    TORCH_CHECK_VALUE(s.numel() == 1, "fused_ema: skip must hold one value, got ", s.numel());
-    auto kind = to_scalar_kind(s.scalar_type());
-    TORCH_CHECK_TYPE(kind.has_value(), "fused_ema: skip must be a bool, integer, float32 or "
-                     "float64 tensor, got ", torch_name(s.scalar_type()));
+    const ScalarKind kind = checked_skip_kind(s);
     TORCH_CHECK_VALUE(s.device().is_cpu() || s.device() == plan.device ||
                           plan.num_tensors == 0,
                       "fused_ema: skip is on ", s.device(), " but the EMAs are on ",
                       plan.device);
     if (s.device().is_cpu()) {
-      args.skipped = read_scalar(s.data_ptr(), *kind, 0) != 0.0;  // host memory: no sync
+      args.skipped = read_scalar(s.data_ptr(), kind, 0) != 0.0;  // host memory: no sync
     } else {
       args.skip_ptr = s.data_ptr();
-      args.skip_kind = *kind;
+      args.skip_kind = kind;
     }
   }
   if (rounding.stochastic) {

@@ -208,6 +208,9 @@ int64_t first_changed(at::TensorList tensors, const TensorKey* keys);
 // update checks before it writes anything (the caller names the tensor).
 int64_t first_stale(const Plan& plan, at::TensorList emas, at::TensorList params);
 
+// A skip flag's kind, checked (one value of a bool, integer or float tensor).
+ScalarKind checked_skip_kind(const at::Tensor& skip);
+
 // Checks that `plan` can be rounded stochastically (every EMA bf16), naming the
 // first EMA that cannot.
 void check_stochastic(const Plan& plan);

@@ -1,6 +1,7 @@
 """What the examples share: how a run was started, its CPU time, and the load it ran under
 (the examples' timings are taken on a shared 2-core machine, so each table says how busy it
 was). The --out / --update-results convention lives in benchmarks/outputs.py."""
+import multiprocessing as mp
 import os
 import resource
 import sys
@@ -24,6 +25,24 @@ def command_line(script: str) -> str:
         elif not a.startswith("--out="):
             args.append(a)
     return " ".join(["python", f"examples/{script}"] + args)
+
+
+def run_jobs(worker, jobs, workers: int, desc: str):
+    """Yields ``worker(job)`` for every job, in completion order, with a progress bar: in
+    ``workers`` spawned processes (each runs one thread) when more than one, else here."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), desc=desc, unit="run", file=sys.stdout) as bar:
+        if workers > 1:
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for result in pool.imap_unordered(worker, jobs):
+                    bar.update()
+                    yield result
+        else:
+            for job in jobs:
+                result = worker(job)
+                bar.update()
+                yield result
 
 
 def cpu_seconds() -> float:

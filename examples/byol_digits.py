@@ -38,7 +38,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import dataclasses
 import math
-import multiprocessing as mp
 import sys
 from typing import Dict, List
 
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from fused_ema import FusedEMA, schedules
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RunClock, add_output_args, command_line  # noqa: E402
+from _common import RunClock, add_output_args, command_line, run_jobs  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -398,7 +397,6 @@ def main(argv=None):
                    help="processes (one thread each)")
     add_output_args(p, __file__)
     args = p.parse_args(argv)
-    from tqdm import tqdm
 
     cfg = Config()
     if args.quick:
@@ -411,24 +409,11 @@ def main(argv=None):
 
     clock = RunClock()
     runs, base = [], {}
-    bar = tqdm(total=len(jobs), desc="BYOL runs", unit="run", file=sys.stdout)
-
-    def collect(result):
-        kind, seed, value = result
+    for kind, seed, value in run_jobs(_worker, jobs, args.workers, "BYOL runs"):
         if kind == "baselines":
             base[seed] = value
         else:
             runs.append(value)
-        bar.update()
-
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            for result in pool.imap_unordered(_worker, jobs):
-                collect(result)
-    else:
-        for job in jobs:
-            collect(_worker(job))
-    bar.close()
     clock.stop()
     write_outputs(runs, base, cfg, seeds, args.out, clock)
     print(open(os.path.join(args.out, "byol_digits.md")).read())

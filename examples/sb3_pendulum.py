@@ -39,15 +39,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import dataclasses
 import json
-import multiprocessing as mp
 import sys
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RunClock, add_output_args, command_line  # noqa: E402
+from _common import RunClock, add_output_args, command_line, run_jobs  # noqa: E402
 
 ALGOS = ("DDPG", "TD3", "SAC")
 TAUS = (1.0, 0.1, 0.005, 0.001)
@@ -277,7 +276,6 @@ def main(argv=None):
                    help="processes (one thread each)")
     add_output_args(p, __file__)
     args = p.parse_args(argv)
-    from tqdm import tqdm
 
     cfg = Config()
     if args.quick:
@@ -293,18 +291,7 @@ def main(argv=None):
             for s in seeds]
 
     clock = RunClock()
-    runs = []
-    bar = tqdm(total=len(jobs), desc="SB3 runs", unit="run", file=sys.stdout)
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            for run in pool.imap_unordered(_worker, jobs):
-                runs.append(run)
-                bar.update()
-    else:
-        for job in jobs:
-            runs.append(_worker(job))
-            bar.update()
-    bar.close()
+    runs = list(run_jobs(_worker, jobs, args.workers, "SB3 runs"))
     clock.stop()
     write_outputs(runs, cfg, seeds, args.out, clock)
     print(open(os.path.join(args.out, "sb3_pendulum.md")).read())

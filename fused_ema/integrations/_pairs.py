@@ -6,7 +6,7 @@ same layout on both sides (channels_last weights and their clones) as they are; 
 first. Anything else (a strided view) takes ``Tensor.lerp_``, which uses the same
 two-branch formula.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 

@@ -18,7 +18,7 @@ public name of that module (``get_device``, ``set_random_seed`` ...) is SB3's ow
 imported on first use.
 """
 import sys
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 import torch
 
