@@ -282,6 +282,8 @@ def rounding_args(stochastic: bool, seed, step, device: Optional[torch.device]):
     if step.dtype not in STEP_DTYPES:
         raise TypeError(f"fused_ema: a step tensor must be int64 or int32, got {step.dtype}")
     if step.device.type == "cpu":
+        if torch.compiler.is_compiling():  # traced: the op reads it (no .item() in a graph)
+            return seed, None, step.reshape(())
         return seed, check_count("step", step), None
     if device is not None and step.device != device:
         raise ValueError(f"fused_ema: the step tensor is on {step.device} but the EMAs are on "
