@@ -17,6 +17,7 @@ from torch import nn
 
 from fused_ema import FusedEMA, binding, worker
 from fused_ema.schedules import Warmup
+from test_fused_ema import assert_same, train_step
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
@@ -34,12 +35,6 @@ def snapshot(ema, k=0):
     return {n: t.clone() for n, t in ema.modules[k].state_dict().items()}
 
 
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-
-
 def perturb(model, g):
     with torch.no_grad():
         for p in model.parameters():
@@ -49,21 +44,6 @@ def perturb(model, g):
                 b.add_(torch.randn(b.shape, generator=g))
             else:
                 b.add_(1)
-
-
-def train_step(model, opt, g, scaler=None, inf=False):
-    x = torch.randn(8, 5, generator=g)
-    loss = model(x).square().mean()
-    opt.zero_grad()
-    if scaler is None:
-        loss.backward()
-        opt.step()
-        return
-    scaler.scale(loss).backward()
-    if inf:
-        model[0].weight.grad[0, 0] = float("inf")
-    scaler.step(opt)
-    scaler.update()
 
 
 @pytest.fixture
