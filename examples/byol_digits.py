@@ -251,15 +251,19 @@ def train(name: str, variant: dict, seed: int, cfg: Config) -> dict:
                 probe=trained, final_spread=final_spread)
 
 
-def baselines(cfg: Config, seed: int) -> Dict[str, Dict[str, float]]:
-    """The same probes on raw pixels and on the untrained encoder (the initialisation every
-    variant of this seed starts from)."""
-    torch.manual_seed(seed)
-    untrained = Online(cfg).encoder
+def baseline_probes(untrained: nn.Module, cfg, seed: int) -> Dict[str, Dict[str, float]]:
+    """The probes on raw pixels and on the `untrained` encoder (also moco_digits.py's)."""
     x_train, x_test, y_train, y_test = load_data(cfg.test_fraction)
     return dict(pixels=probe(x_train, y_train, x_test, y_test, cfg, seed),
                 untrained=probe(features(untrained, x_train), y_train,
                                 features(untrained, x_test), y_test, cfg, seed))
+
+
+def baselines(cfg: Config, seed: int) -> Dict[str, Dict[str, float]]:
+    """The same probes on raw pixels and on the untrained encoder (the initialisation every
+    variant of this seed starts from)."""
+    torch.manual_seed(seed)
+    return baseline_probes(Online(cfg).encoder, cfg, seed)
 
 
 # ----------------------------------------------------------------------------- outputs

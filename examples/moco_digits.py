@@ -49,7 +49,7 @@ from fused_ema import FusedEMA
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RunClock, add_output_args, command_line, run_jobs  # noqa: E402
-from byol_digits import augment, features, load_data, probe, spread  # noqa: E402
+from byol_digits import augment, baseline_probes, features, load_data, probe, spread  # noqa: E402
 
 MOMENTA = (0.0, 0.9, 0.99, 0.999, 0.9999)
 # MoCo (He et al. 2020), section 4.1: ImageNet linear-classification top-1 (%) against m
@@ -147,11 +147,7 @@ def baselines(cfg: Config, seed: int) -> Dict[str, Dict[str, float]]:
     """The same probes on raw pixels and on the untrained encoder (the initialisation every
     momentum of this seed starts from)."""
     torch.manual_seed(seed)
-    untrained = Encoder(cfg).encoder
-    x_train, x_test, y_train, y_test = load_data(cfg.test_fraction)
-    return dict(pixels=probe(x_train, y_train, x_test, y_test, cfg, seed),
-                untrained=probe(features(untrained, x_train), y_train,
-                                features(untrained, x_test), y_test, cfg, seed))
+    return baseline_probes(Encoder(cfg).encoder, cfg, seed)
 
 
 # ----------------------------------------------------------------------------- outputs
