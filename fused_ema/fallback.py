@@ -116,13 +116,13 @@ def multi_ema_update_(
     n = len(params)
     with torch.no_grad():
         for k, emas in enumerate(emas_per_decay):
-            weights = {}  # opmath dtype -> lerp weight (1 - decay) as lerp sees it
+            weights = {}  # opmath dtype -> (lerp weight 1 - decay as lerp sees it, host value)
             for i, (p, e) in enumerate(zip(params, emas)):
                 op = torch.float64 if e.dtype == torch.float64 else torch.float32
                 if op not in weights:
-                    if decay_tensor is None:
-                        w = 1.0 - decays[k]
-                        weights[op] = (w, torch.tensor(w, dtype=op).item())
+                    if decay_tensor is None:  # a 0-d host tensor and its value
+                        w = torch.tensor(1.0 - decays[k], dtype=op)
+                        weights[op] = (w, w.item())
                     else:  # a device weight: selected on the device, no host sync
                         weights[op] = ((1.0 - decay_tensor.reshape(-1)[k].double()).to(op), None)
                 w, host_w = weights[op]
@@ -136,7 +136,7 @@ def multi_ema_update_(
                 elif host_w == 1.0:
                     new = src  # decay 0: a copy (lerp would keep a NaN EMA NaN)
                 else:
-                    new = lerp(target, src, torch.tensor(host_w, dtype=op))
+                    new = lerp(target, src, w)
                 if skey is not None:
                     new = stochastic_bf16(new, e, skey, k * n + i)
                 if device_skip is not None:
