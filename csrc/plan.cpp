@@ -95,25 +95,6 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-void check_shape_and_layout(const at::Tensor& ema, const at::Tensor& param,
-                            const std::string& ename, const std::string& pname,
-                            const c10::Device& device) {
-  TORCH_CHECK_VALUE(ema.sizes() == param.sizes(), "fused_ema: ", ename, " has shape ",
-                    ema.sizes(), " but ", pname, " has shape ", param.sizes());
-  TORCH_CHECK_VALUE(ema.device() == device, "fused_ema: ", ename, " is on ", ema.device(),
-                    " but ", pname, " is on ", param.device(),
-                    "; keep the EMA on its params' device (FusedEMA(device=...) "
-                    "handles an EMA kept elsewhere)");
-  TORCH_CHECK_TYPE(to_dtype(ema.scalar_type()).has_value(), "fused_ema: ", ename,
-                   " has dtype ", torch_name(ema.scalar_type()),
-                   "; an EMA must be float32, float16, bfloat16 or float64");
-  check_dense_and_aligned(ema, ename);
-  TORCH_CHECK_VALUE(same_layout(ema, param), "fused_ema: ", ename, " has strides ",
-                    ema.strides(), " but ", pname, " has strides ", param.strides(),
-                    "; an EMA must have its param's memory layout (make it with "
-                    "param.detach().clone())");
-}
-
 // Byte range of a tensor's elements, with the name to report.
 struct Span {
   uintptr_t begin, end;
@@ -157,6 +138,40 @@ std::vector<TensorKey> plan_key(at::TensorList emas, at::TensorList params) {
   return key;
 }
 
+DType check_param(const at::Tensor& p, int64_t i, const c10::Device& device) {
+  TORCH_CHECK_VALUE(p.defined(), "fused_ema: ", param_name(i), " is undefined");
+  TORCH_CHECK_VALUE(p.device() == device, "fused_ema: ", param_name(i), " is on ",
+                    p.device(), " but params[0] is on ", device,
+                    "; one update runs on one device");
+  auto pdt = to_dtype(p.scalar_type());
+  TORCH_CHECK_TYPE(pdt.has_value(), "fused_ema: ", param_name(i), " has dtype ",
+                   torch_name(p.scalar_type()), "; params must be float32, float16, bfloat16 or float64");
+  check_dense_and_aligned(p, param_name(i));
+  return *pdt;
+}
+
+DType check_ema(const at::Tensor& ema, const at::Tensor& param, int64_t num_decays, int64_t k,
+                int64_t i, const c10::Device& device) {
+  const std::string ename = ema_name(num_decays, k, i);
+  TORCH_CHECK_VALUE(ema.defined(), "fused_ema: ", ename, " is undefined");
+  TORCH_CHECK_VALUE(ema.sizes() == param.sizes(), "fused_ema: ", ename, " has shape ",
+                    ema.sizes(), " but ", param_name(i), " has shape ", param.sizes());
+  TORCH_CHECK_VALUE(ema.device() == device, "fused_ema: ", ename, " is on ", ema.device(),
+                    " but ", param_name(i), " is on ", param.device(),
+                    "; keep the EMA on its params' device (FusedEMA(device=...) "
+                    "handles an EMA kept elsewhere)");
+  auto edt = to_dtype(ema.scalar_type());
+  TORCH_CHECK_TYPE(edt.has_value(), "fused_ema: ", ename, " has dtype ",
+                   torch_name(ema.scalar_type()),
+                   "; an EMA must be float32, float16, bfloat16 or float64");
+  check_dense_and_aligned(ema, ename);
+  TORCH_CHECK_VALUE(same_layout(ema, param), "fused_ema: ", ename, " has strides ",
+                    ema.strides(), " but ", param_name(i), " has strides ", param.strides(),
+                    "; an EMA must have its param's memory layout (make it with "
+                    "param.detach().clone())");
+  return *edt;
+}
+
 std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList params,
                                        int64_t num_decays) {
   TORCH_CHECK_VALUE(num_decays >= 1 && num_decays <= kMaxDecays,
@@ -180,26 +195,17 @@ std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList param
   std::vector<Span> param_spans, ema_spans;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(p.defined(), "fused_ema: ", param_name(i), " is undefined");
-    TORCH_CHECK_VALUE(p.device() == device, "fused_ema: ", param_name(i), " is on ",
-                      p.device(), " but params[0] is on ", device,
-                      "; one update runs on one device");
-    auto pdt = to_dtype(p.scalar_type());
-    TORCH_CHECK_TYPE(pdt.has_value(), "fused_ema: ", param_name(i), " has dtype ",
-                     torch_name(p.scalar_type()), "; params must be float32, float16, bfloat16 or float64");
-    check_dense_and_aligned(p, param_name(i));
-    plan->params[i] = {p.data_ptr(), p.numel(), *pdt, 0};
-    plan->one_dtype_pair = plan->one_dtype_pair && *pdt == plan->params[0].dtype;
+    const DType pdt = check_param(p, i, device);
+    plan->params[i] = {p.data_ptr(), p.numel(), pdt, 0};
+    plan->one_dtype_pair = plan->one_dtype_pair && pdt == plan->params[0].dtype;
     const auto pbegin = reinterpret_cast<uintptr_t>(p.data_ptr());
     if (p.numel() > 0) {
       param_spans.push_back({pbegin, pbegin + p.numel() * p.element_size(), -1, i});
     }
     for (int64_t k = 0; k < num_decays; ++k) {
       const at::Tensor& e = emas[k * n + i];
-      const std::string ename = ema_name(num_decays, k, i);
-      TORCH_CHECK_VALUE(e.defined(), "fused_ema: ", ename, " is undefined");
-      check_shape_and_layout(e, p, ename, param_name(i), device);
-      plan->emas[k * n + i] = {e.data_ptr(), *to_dtype(e.scalar_type()), 0};
+      const DType edt = check_ema(e, p, num_decays, k, i, device);
+      plan->emas[k * n + i] = {e.data_ptr(), edt, 0};
       plan->one_dtype_pair = plan->one_dtype_pair &&
                              plan->emas[k * n + i].dtype == plan->emas[0].dtype;
       const int64_t j = k * n + i;  // the lowest j: emas[0][...] first, as validation.py

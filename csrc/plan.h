@@ -182,6 +182,15 @@ struct DeviceTable {
   ~DeviceTable();
 };
 
+// The per-tensor rules of build_plan, for code that checks tensors without
+// building a plan over them (offload.cpp): params[i] on `device` (defined,
+// a kernel dtype, dense, aligned), and emas[k][i] against it (its shape, on
+// `device`, a kernel dtype, dense, aligned, the param's layout). Each returns
+// the tensor's DType.
+DType check_param(const at::Tensor& param, int64_t i, const c10::Device& device);
+DType check_ema(const at::Tensor& ema, const at::Tensor& param, int64_t num_decays, int64_t k,
+                int64_t i, const c10::Device& device);
+
 // Validates the tensors (nothing is written) and builds the plan. `emas` holds
 // num_decays lists of params.size() tensors, one after the other.
 std::shared_ptr<const Plan> build_plan(at::TensorList emas, at::TensorList params,
