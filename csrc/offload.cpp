@@ -64,15 +64,18 @@ HostOffload::HostOffload(std::vector<at::Tensor> emas, std::vector<at::Tensor> p
   chunk_bytes = std::min(chunk_bytes, cap_bytes);
   std::vector<int64_t> numels;
   std::vector<int> sizes;
+  // build_plan's rules, naming the tensors as the caller knows them (the chunk
+  // plans below see slices).
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params_[i];
+    check_param(p, i, params_[0].device());
     TORCH_CHECK_VALUE(p.is_contiguous(), "fused_ema: params[", i, "] must be contiguous "
                       "(pass a 1-D view of a dense tensor)");
     for (int64_t k = 0; k < num_decays_; ++k) {
       const at::Tensor& e = emas_[k * n + i];
-      TORCH_CHECK_VALUE(e.is_contiguous() && e.device().is_cpu() && e.numel() == p.numel(),
-                        "fused_ema: ", ema_name(num_decays_, k, i),
-                        " must be a contiguous CPU tensor of params[", i, "]'s size");
+      check_ema(e, p, num_decays_, k, i, c10::Device(at::kCPU));
+      TORCH_CHECK_VALUE(e.is_contiguous(), "fused_ema: ", ema_name(num_decays_, k, i),
+                        " must be contiguous");
     }
     numels.push_back(p.numel());
     sizes.push_back(static_cast<int>(p.element_size()));
@@ -155,6 +158,14 @@ int64_t HostOffload::staged_bytes() const {
 void HostOffload::issue(device::Stream stream, const std::optional<at::Tensor>& skip) {
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(!issued_pending_, "fused_ema: the offload's previous update was not consumed");
+  const bool has_skip = skip.has_value() && skip->defined();
+  if (has_skip) {  // checked before anything is queued
+    skip_kind_ = checked_skip_kind(*skip);
+    TORCH_CHECK_VALUE(params_.empty() || skip->device() == params_[0].device(),
+                      "fused_ema: skip is on ", skip->device(), " but the params are on ",
+                      params_[0].device());
+  }
+  if (stream == nullptr) stream = runtime_->current_stream(device_);
   for (device::Event e : old_events_) runtime_->destroy_event(e);
   old_events_ = std::move(events_);
   events_.clear();
@@ -162,11 +173,12 @@ void HostOffload::issue(device::Stream stream, const std::optional<at::Tensor>& 
   // The copies follow everything queued on the training stream so far.
   after_optimizer_ = runtime_->record_event(device_, stream);
   runtime_->wait_event(side_, after_optimizer_);
-  has_skip_ = skip.has_value() && skip->defined();
+  has_skip_ = has_skip;
   if (has_skip_) {
-    skip_kind_ = checked_skip_kind(*skip);
     runtime_->copy_to_host_async(device_, skip_host_, skip->data_ptr(),
                                  static_cast<size_t>(skip->element_size()), side_);
+    // The caller may drop the flag now: its memory stays the side stream's until the copy.
+    runtime_->record_stream(skip->storage().data_ptr(), side_);
   }
   auto* base = static_cast<char*>(staging_.get());
   for (size_t c = 0; c < chunks_.size(); ++c) {
@@ -188,7 +200,9 @@ void HostOffload::issue(device::Stream stream, const std::optional<at::Tensor>& 
 
 void HostOffload::order_before_writes(device::Stream stream) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!events_.empty()) runtime_->wait_event(stream, events_.back());
+  if (events_.empty()) return;
+  if (stream == nullptr) stream = runtime_->current_stream(device_);
+  runtime_->wait_event(stream, events_.back());
 }
 
 bool HostOffload::consume(const std::vector<double>& decays) {
@@ -225,7 +239,10 @@ bool HostOffload::consume(const std::vector<double>& decays) {
 
 void register_offload(pybind11::module_& m) {
   namespace py = pybind11;
-  auto as_stream = [](intptr_t s) { return reinterpret_cast<device::Stream>(s); };
+  // A stream handle (cudaStream_t as an integer); None: the device's current stream.
+  auto as_stream = [](std::optional<intptr_t> s) {
+    return reinterpret_cast<device::Stream>(s.value_or(0));
+  };
   py::class_<HostOffload>(m, "HostOffload", py::module_local(),
                           "A host-memory EMA's copies and per-chunk CPU update (offload.h).")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int, int64_t,
@@ -233,13 +250,13 @@ void register_offload(pybind11::module_& m) {
            py::arg("emas"), py::arg("params"), py::arg("num_decays"), py::arg("device"),
            py::arg("cap_bytes") = kDefaultOffloadCapBytes,
            py::arg("chunk_bytes") = kDefaultOffloadChunkBytes)
-      .def("issue", [as_stream](HostOffload& o, intptr_t stream,
+      .def("issue", [as_stream](HostOffload& o, std::optional<intptr_t> stream,
                                 const std::optional<at::Tensor>& skip) {
              o.issue(as_stream(stream), skip);
-           }, py::arg("stream"), py::arg("skip") = py::none())
-      .def("order_before_writes", [as_stream](HostOffload& o, intptr_t stream) {
+           }, py::arg("stream") = py::none(), py::arg("skip") = py::none())
+      .def("order_before_writes", [as_stream](HostOffload& o, std::optional<intptr_t> stream) {
              o.order_before_writes(as_stream(stream));
-           }, py::arg("stream"))
+           }, py::arg("stream") = py::none())
       .def("consume", &HostOffload::consume, py::arg("decays"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_chunks", &HostOffload::num_chunks)

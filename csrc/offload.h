@@ -77,11 +77,12 @@ class HostOffload {
               int64_t num_decays, int device, int64_t cap_bytes, int64_t chunk_bytes);
   ~HostOffload();
 
-  // Training thread, after the optimizer step. `skip`: a 0-d flag on the
-  // device (a GradScaler's found-inf), copied with the first chunk. No host wait.
+  // Training thread, after the optimizer step. `stream`: the training stream
+  // (nullptr: the device's current one). `skip`: a 0-d flag on the device (a
+  // GradScaler's found-inf), copied with the first chunk. No host wait.
   void issue(device::Stream stream, const std::optional<at::Tensor>& skip);
-  // Training thread, before the next optimizer step: `stream` waits for the
-  // last issue()'s copies (a stream wait). No host wait.
+  // Training thread, before the next optimizer step: `stream` (nullptr: the
+  // current one) waits for the last issue()'s copies (a stream wait). No host wait.
   void order_before_writes(device::Stream stream);
   // Worker thread: updates the EMAs chunk by chunk as their copies complete
   // (a host wait on each chunk's event, on this thread). Returns whether the
