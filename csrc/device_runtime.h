@@ -60,7 +60,7 @@ class Runtime {
 
   // For the host-memory EMA (offload.h): device-to-host copies on a stream of
   // their own, gated by what the host has consumed.
-  // A stream of `device` for copies, not the current one (from torch's pool).
+  // A stream of `device` for copies, not the current one (nor one of torch's pool).
   virtual Stream side_stream(int device) = 0;
   // Copies `bytes` from device memory `src` to pinned `dst` on `stream`.
   virtual void copy_to_host_async(int device, void* dst, const void* src, size_t bytes,

@@ -19,6 +19,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include "device_runtime.h"
 #include "ema_kernel.cuh"
@@ -175,10 +177,18 @@ class CudaRuntime final : public device::Runtime {
     }
   }
 
+  // One stream per device, of our own and kept for the process, not one of
+  // torch's pool: the pool hands its streams out round robin (torch.cuda.Stream()
+  // too), and this one blocks on the host's progress (wait_host_value), so work
+  // another library queued on a shared pool stream would wait behind it.
   device::Stream side_stream(int device) override {
-    return c10::cuda::getStreamFromPool(/*isHighPriority=*/false,
-                                        static_cast<c10::DeviceIndex>(device))
-        .stream();
+    std::lock_guard<std::mutex> lock(side_mutex_);
+    cudaStream_t& stream = side_streams_[device];
+    if (stream == nullptr) {
+      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+      C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    }
+    return stream;
   }
 
   void copy_to_host_async(int device, void* dst, const void* src, size_t bytes,
@@ -202,6 +212,10 @@ class CudaRuntime final : public device::Runtime {
   void signal_host_value(uint32_t* flag, uint32_t value) override {
     __atomic_store_n(flag, value, __ATOMIC_RELEASE);  // the GPU reads it from host memory
   }
+
+ private:
+  std::mutex side_mutex_;
+  std::map<int, cudaStream_t> side_streams_;
 };
 
 }  // namespace
