@@ -116,6 +116,19 @@ def model_device(names, kinds, srcs) -> Optional[torch.device]:
     return first
 
 
+def host_offload(src_device: Optional[torch.device], ema_device: torch.device,
+                 rounding: str):
+    """The class that carries a non-blocking update of a model on ``src_device`` into an
+    EMA on ``ema_device`` (``_C.HostOffload``: a CUDA model, an EMA in host memory, the
+    compiled CUDA module), or None: the update stages full copies instead. Stochastic
+    rounding keys its random bits by (tensor, element) of the whole tensors, which the
+    offload's chunks do not keep: it stages too."""
+    if (src_device is None or src_device.type != "cuda" or ema_device.type != "cpu"
+            or rounding != "nearest" or not _ext.compiled_for("cuda")):
+        return None
+    return _ext._C.HostOffload
+
+
 class Binding:
     """The plans of one EMA over one model's current tensors, and the watch of what they
     cannot see.
@@ -132,23 +145,36 @@ class Binding:
         rounding, seed: how the averaged tensors' EMAs are rounded (``"stochastic"``: bf16
             EMAs, random bits keyed by the seed and each update's step); copies round to
             nearest.
+        non_blocking: updates are queued on a worker thread (``FusedEMA(non_blocking=True)``):
+            a model whose update ``host_offload`` carries gets a ``HostOffload`` per group
+            instead of staged copies and plans (``offload`` is then True; see ``issue``).
     """
 
     def __init__(self, names: Sequence[str], kinds: Sequence[str],
                  srcs: Sequence[torch.Tensor], emas: Sequence[Sequence[torch.Tensor]],
                  ema_device: torch.device, capturable: bool,
                  entries: Sequence[Tuple[object, str, object]] = (),
-                 rounding: str = "nearest", seed: int = 0):
+                 rounding: str = "nearest", seed: int = 0, non_blocking: bool = False):
         num_decays = len(emas)
         src_device = model_device(names, kinds, srcs)
         cross = src_device is not None and src_device != ema_device  # placement: options.py
         pin = cross and ema_device.type == "cpu" and src_device.type == "cuda"
+        offload = host_offload(src_device, ema_device, rounding) if non_blocking else None
         # What the plans read: the model's tensors, or copies staged on the EMA's device.
         # Tensors they reach only through a copy or a 1-D view are watched instead.
         plan_srcs, unseen, staging = {}, [], []
         with torch.no_grad():
             for i, (t, kind) in enumerate(zip(srcs, kinds)):
+                if offload is not None:
+                    # the offload reads the model's tensors and writes the EMAs through
+                    # views: both watched (integer tensors are staged, as below)
+                    unseen += [t] + [emas[k][i] for k in range(num_decays)]
+                    if kind != "other":
+                        continue
                 if kind == "other":
+                    if offload is not None and cross:
+                        s = torch.empty_like(t, device=ema_device, pin_memory=pin)
+                        staging.append((s, t))
                     continue
                 if cross:
                     s = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
@@ -168,18 +194,26 @@ class Binding:
             if not idx:
                 continue
             # DTensors (FSDP2): the engine updates the local shards
-            ps = [flat(distributed.local(plan_srcs[i])) for i in idx]
+            ps = [flat(distributed.local(srcs[i] if offload is not None else plan_srcs[i]))
+                  for i in idx]
             es = [[flat(distributed.local(emas[k][i])) for i in idx] for k in range(num_decays)]
             try:
-                plan = EMAPlan.multi(es, ps, rounding=rounding if kind == "average" else
-                                     "nearest", seed=seed)
+                if offload is not None:
+                    device = src_device.index if src_device.index is not None else 0
+                    plan = offload([e for per_decay in es for e in per_decay], ps, num_decays,
+                                   device)
+                else:
+                    plan = EMAPlan.multi(es, ps, rounding=rounding if kind == "average" else
+                                         "nearest", seed=seed)
             except (ValueError, TypeError, RuntimeError) as exc:
                 raise type(exc)(name_indices(str(exc), [names[i] for i in idx])) from None
             groups.append((kind, plan, ps, es))
         self.groups = groups
+        self.offload = offload is not None
         # (kind, call(decays, decay_tensor, skip) -> stale index or -1) for each group
-        self._calls = [(kind, plan.try_update_) if plan._plan is None
-                       else (kind, plan._plan.update_) for kind, plan, _, _ in groups]
+        self._calls = [] if self.offload else [
+            (kind, plan.try_update_) if plan._plan is None else (kind, plan._plan.update_)
+            for kind, plan, _, _ in groups]
         self.rounding, self.seed = rounding, seed
         self.names = list(names)
         self.srcs = list(srcs)
@@ -188,7 +222,8 @@ class Binding:
         self._pin_sync = pin
         self._staging = staging
         other = [i for i, k in enumerate(kinds) if k == "other"]
-        self._other_srcs = [srcs[i] for i in other]
+        staged = {id(t): s for s, t in staging}
+        self._other_srcs = [staged.get(id(srcs[i]), srcs[i]) for i in other]
         self._other_emas = [[emas[k][i] for i in other] for k in range(num_decays)]
         self.zeros = [0.0] * num_decays
         self.zeros_t = (torch.zeros(num_decays, dtype=torch.float64, device=ema_device)
@@ -224,6 +259,8 @@ class Binding:
         them; copy groups get zeros. ``step``: the update's counter (an int, or a device
         tensor), the key of stochastic rounding. Raises ``Stale(j)`` when group j found a
         tensor changed (nothing of it written; the groups before it are updated)."""
+        if self.offload:  # not queued (e.g. traced): the same copies, consumed here
+            return self.issue(skip)(decays)
         host = type(decays) is list
         zeros = self.zeros if host else self.zeros_t
         step, step_t = (0, step) if isinstance(step, torch.Tensor) else (step, None)
@@ -235,6 +272,38 @@ class Binding:
                     else call([], d, skip, step, step_t)) >= 0:
                 raise Stale(j)
         self.copy_others(skip)
+
+    def issue(self, skip):
+        """A non-blocking update through the offloads (``offload``), training thread: queues
+        the copies of the model's tensors (after the work queued so far on the current
+        stream, with no host wait) and returns ``consume(decays)`` for the worker thread.
+        ``skip``: None or a flag on the model's device, read by the worker."""
+        ready = self.stage(wait=False) if self._staging else None
+        for _, offload, _, _ in self.groups:
+            offload.issue(None, skip)
+        others_skip = skip if not self.groups else None  # else: what the offloads read
+
+        def consume(decays) -> None:
+            ran, error = True, None
+            for kind, offload, _, _ in self.groups:  # each one, so every slot is released
+                try:
+                    ran = offload.consume(decays if kind == "average" else self.zeros) and ran
+                except Exception as exc:  # noqa: BLE001 - raised once all are consumed
+                    error = error or exc
+            if error is not None:
+                raise error
+            if ready is not None:
+                ready.synchronize()  # the integer tensors' staging copies
+            if ran:
+                self.copy_others(others_skip)
+
+        return consume
+
+    def order_before_writes(self) -> None:
+        """Training thread, before the next optimizer step: the current stream waits for the
+        copies ``issue`` queued (a stream wait, no host wait)."""
+        for _, offload, _, _ in self.groups:
+            offload.order_before_writes(None)
 
     def run_traced(self, decays, skip, step) -> None:
         """The update as torch ops (dynamo traces them with their fake kernels, not the
@@ -265,7 +334,7 @@ class ListRun:
     """An update from a parameter list laid out as the EMA's parameters (``update(params)``)
     rather than from the bound model: through the functional path, whose C++ plan cache
     makes a list given again cheap. ``pairs``: (tensor, EMA tensors per decay, kind)."""
-    cross = False
+    cross = offload = False
 
     def __init__(self, pairs, num_decays: int, rounding: str = "nearest", seed: int = 0):
         groups = []

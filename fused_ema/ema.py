@@ -342,7 +342,7 @@ class FusedEMA:
             entries += [(m._modules, k, c) for m in target.modules()
                         for k, c in m._modules.items() if c is not None]
         return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries,
-                       self.rounding, self.seed)
+                       self.rounding, self.seed, non_blocking=own and self.non_blocking)
 
     def _share(self, model_tensors: Dict[str, torch.Tensor]) -> None:
         """Makes every EMA hold ``model_tensors`` (name -> the model's tensor) where it
@@ -488,7 +488,7 @@ class FusedEMA:
         decays = self._decays_at(s)
         queue = self.non_blocking and self._device.type == "cpu" and not compiling
         ready = None
-        if b.cross:
+        if b.cross and not (queue and b.offload):  # an offload copies (and reads skip) itself
             if skip is not None and skip.device != self._device:
                 # queued: read by the worker once `ready` (recorded after it) completes
                 skip = skip.to(self._device, non_blocking=queue)
@@ -501,21 +501,38 @@ class FusedEMA:
 
     def _queue(self, b, decays, skip, rebind, s: int, ready=None) -> None:
         """Queues the update on the worker thread (nothing is pending: update() waited).
-        ``ready``: a CUDA event the staging copies complete at, waited on by the worker."""
+        ``ready``: a CUDA event the staging copies complete at, waited on by the worker.
+        Through offloads (``b.offload``) the copies are queued here, on the training
+        stream's order, and consumed chunk by chunk by the worker."""
+        if b.offload:
+            consume = b.issue(skip)
 
-        def job():
-            if ready is not None:
-                ready.synchronize()  # on the worker: the training thread does not wait
-            try:
-                b.run(decays, skip, 0, s)
-            except Stale as stale:
-                return stale.start  # nothing of that group written: finished by synchronize()
-            return None
+            def job():
+                consume(decays)  # its tensors were checked (b.intact()): nothing is stale
+        else:
+            def job():
+                if ready is not None:
+                    ready.synchronize()  # on the worker: the training thread does not wait
+                try:
+                    b.run(decays, skip, 0, s)
+                except Stale as stale:
+                    return stale.start  # nothing of it written: finished by synchronize()
+                return None
 
         if self._worker is None:
             self._worker = Worker()
-        self._pending = (decays, skip, rebind, s)
+        self._pending = (decays, skip, rebind, s, b)
         self._worker.submit(job)
+
+    def _before_optimizer_step(self) -> None:
+        """``attach``'s pre-step hook with ``non_blocking=True``: the optimizer is about to
+        write the parameters the pending update reads. Through offloads the current stream
+        waits for their copies (no host wait; the worker may still be updating from the
+        staging); else this thread waits for the worker."""
+        if self._pending is not None and self._pending[4].offload:
+            self._pending[4].order_before_writes()
+        else:
+            self.synchronize()
 
     def synchronize(self) -> None:
         """Waits for the update queued by ``non_blocking=True`` (a no-op when none is
@@ -534,7 +551,7 @@ class FusedEMA:
         if w is None or not w.pending:
             return
         result, exc = w.wait()
-        decays, skip, rebind, s = self._pending
+        decays, skip, rebind, s, _ = self._pending
         self._pending = None
         if exc is not None:
             self._step = s

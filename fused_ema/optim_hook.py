@@ -1,7 +1,8 @@
 """``FusedEMA.attach``: an optimizer step-post hook that updates the EMA, skipping the
 steps a ``GradScaler`` skipped (read from its found-inf flag, on the device); with
-``non_blocking=True`` also a step-pre hook that waits for the queued update before the
-optimizer writes the parameters the worker reads."""
+``non_blocking=True`` also a step-pre hook that orders the optimizer's writes after the
+queued update's reads of the parameters (a stream wait for a CUDA model's offload, else a
+wait for the worker)."""
 from typing import Optional
 
 import torch
@@ -56,10 +57,10 @@ def attach(ema, optimizer, scaler=None) -> Handle:
 
     handles = [optimizer.register_step_post_hook(hook)]
     if ema.non_blocking:
-        def wait(opt, args, kwargs):
-            ema.synchronize()
+        def before_step(opt, args, kwargs):
+            ema._before_optimizer_step()
 
-        handles.append(optimizer.register_step_pre_hook(wait))
+        handles.append(optimizer.register_step_pre_hook(before_step))
     handle = Handle(ema, optimizer, *handles)
     ema._attached[id(optimizer)] = handle
     return handle

@@ -8,12 +8,14 @@ next step's write before a copy from its memory); host waits are logged per thre
 "device" tensors are host tensors the fake's copies read; the test's "optimizer" writes
 them through the fake's training stream.
 """
+import copy
 import threading
+import time
 
 import pytest
 import torch
 
-from fused_ema import _ext
+from fused_ema import FusedEMA, _ext, binding
 
 TRAIN = 1  # the fake's current stream: the training stream
 
@@ -215,3 +217,174 @@ def test_packing(module):
         assert end <= chunk
     assert covered == dict(enumerate(sizes))
     assert len(chunks) <= sum(sizes) * 4 // chunk + len(sizes)
+
+
+# ---- FusedEMA(non_blocking=True) through the offload ------------------------------------
+# The fake's "device" tensors are host tensors, so a CPU model stands for the CUDA model:
+# binding.host_offload is pointed at the fake's HostOffload (a small cap: several chunks
+# per slot), and the "optimizer" queues its writes on the fake's training stream, as a GPU
+# optimizer's kernels are queued. Everything else is FusedEMA's own path: the binding's
+# offloads, the worker, attach's hooks, the readers' waits.
+
+OFFLOAD_CHUNK = 16 << 10
+OFFLOAD_CAP = 2 * OFFLOAD_CHUNK
+
+
+class QueuedWrites(torch.optim.Optimizer):
+    """Step t writes ``values(params, t)`` into the params through the training stream."""
+
+    def __init__(self, params, fake):
+        super().__init__(params, {})
+        self.fake, self.t = fake, 0
+
+    def step(self, closure=None):
+        self.t += 1
+        ps = [p for g in self.param_groups for p in g["params"]]
+        for p, v in zip(ps, values([p.detach().view(-1) for p in ps], self.t)):
+            self.fake.q_write(TRAIN, p.detach().view(-1), v)
+
+
+def offload_model(seed=0):
+    torch.manual_seed(seed)
+    # params of several chunks, a float buffer (a "copy" group), an integer one (staged
+    # and copied by the worker)
+    return torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.BatchNorm1d(300),
+                               torch.nn.Linear(300, 7))
+
+
+@pytest.fixture
+def through_fake(fake, monkeypatch):
+    """FusedEMA's bindings with non_blocking=True use the fake's HostOffload."""
+    made = []
+
+    def factory(*args):
+        off = fake.HostOffload(*args, cap_bytes=OFFLOAD_CAP, chunk_bytes=OFFLOAD_CHUNK)
+        made.append(off)
+        return off
+
+    monkeypatch.setattr(binding, "host_offload", lambda *_: factory)
+    return made
+
+
+def train(opt, ref, ref_model, steps):
+    """``steps`` optimizer steps; ``ref`` (synchronous, on ``ref_model``) sees each step's
+    values written directly."""
+    for _ in range(steps):
+        opt.step()  # pre-step hook, the queued writes, the post-step hook's update
+        with torch.no_grad():
+            for p, v in zip(ref_model.parameters(),
+                            values([p.view(-1) for p in ref_model.parameters()], opt.t)):
+                p.view(-1).copy_(v)
+        ref.update()
+
+
+@pytest.mark.parametrize("decays", [(0.9,), (0.5, 0.99)])
+def test_fused_ema_through_the_offload_same_bits_no_hazard(fake, through_fake, decays):
+    model = offload_model()
+    ref_model = copy.deepcopy(model)
+    ema = FusedEMA(model, decays=list(decays), non_blocking=True)
+    ref = FusedEMA(ref_model, decays=list(decays))
+    opt = QueuedWrites(model.parameters(), fake)
+    ema.attach(opt)
+    assert ema._binding.offload and len(through_fake) == 2  # the average and copy groups
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers()
+                       if b.is_floating_point())
+    fake.q_reset_counters()
+    fake.q_gpu_start()
+    try:
+        train(opt, ref, ref_model, steps=5)
+        got = ema.state_dict()  # a reader: waits for the pending update
+    finally:
+        fake.q_gpu_stop()
+    want = ref.state_dict()
+    for k in range(len(decays)):
+        for (name, a, _), (_, b, _) in zip(ema.named_pairs(k), ref.named_pairs(k)):
+            assert torch.equal(a, b), name
+    assert got["step"] == want["step"] == 5
+    c = fake.q_counters()
+    assert c["training_host_waits"] == 0
+    assert c["d2h_bytes"] == 5 * (param_bytes + buffer_bytes)  # the averaged tensors once
+    assert sum(o.num_slots * o.slot_bytes for o in through_fake) <= 2 * OFFLOAD_CAP
+    assert through_fake[0].num_chunks > through_fake[0].num_slots  # chunks wait for slots
+
+
+def test_the_next_step_waits_on_the_stream_not_on_the_worker(fake, through_fake, monkeypatch):
+    """attach's pre-step hook returns while the worker still updates from the staging (a
+    slow worker here); the optimizer's writes wait on the training stream for the copies
+    (the fake checks each write against the copies queued before it)."""
+    issue, finished = binding.Binding.issue, threading.Event()
+
+    def slow_issue(self, skip):
+        consume = issue(self, skip)
+        finished.clear()
+
+        def slow(decays):
+            time.sleep(0.3)  # the worker is slow: a hook that waited for it would see it end
+            consume(decays)
+            finished.set()
+
+        return slow
+
+    monkeypatch.setattr(binding.Binding, "issue", slow_issue)
+    model = offload_model()
+    ema = FusedEMA(model, decay=0.9, non_blocking=True)
+    opt = QueuedWrites(model.parameters(), fake)
+    ema.attach(opt)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(finished.is_set()))  # after ema's
+    fake.q_gpu_start()
+    try:
+        for _ in range(3):
+            fake.q_clear_calls()
+            opt.step()
+        ema.synchronize()
+    finally:
+        fake.q_gpu_stop()
+    assert seen == [False, False, False]
+    calls = [c for c in fake.q_calls() if c.startswith("T:")]
+    # the hook's stream wait (one per group) comes before this step's issue
+    first_issue = calls.index("T:record_event")
+    assert calls[:first_issue].count("T:wait_event") == 2
+    assert "T:sync_event" not in calls
+
+
+def test_a_bad_skip_flag_queues_nothing(fake, through_fake):
+    model = offload_model()
+    ema = FusedEMA(model, decay=0.9, non_blocking=True)
+    before = [e.clone() for _, e, _ in ema.named_pairs()]
+    with pytest.raises(ValueError, match="skip"):
+        ema.update(skip=torch.zeros(2))  # FusedEMA's own check
+    ema.synchronize()
+    assert all(torch.equal(a, e) for a, (_, e, _) in zip(before, ema.named_pairs()))
+    assert ema.step == 0
+    off = through_fake[0]  # the offload's check, before it queues anything
+    fake.q_clear_calls()
+    with pytest.raises(ValueError, match="skip must hold one value"):
+        off.issue(None, torch.zeros(2))
+    assert fake.q_calls() == []
+    off.issue(None, torch.tensor(False))  # nothing was left pending by the refused call
+    assert consume_on_a_thread(off, [0.5]) == {"ran": True}
+
+
+def test_a_param_given_new_storage_is_read_from_its_new_storage(fake, through_fake):
+    """``p.data = ...`` between steps: FusedEMA's per-step check sees it before the
+    offload would copy from the old storage, and binds again (new offloads)."""
+    model = offload_model()
+    ref_model = copy.deepcopy(model)
+    ema = FusedEMA(model, decay=0.9, non_blocking=True)
+    ref = FusedEMA(ref_model, decay=0.9)
+    opt = QueuedWrites(model.parameters(), fake)
+    ema.attach(opt)
+    train(opt, ref, ref_model, steps=2)
+    ema.synchronize()
+    assert fake.q_drain() == 0
+    for m in (model, ref_model):
+        m[0].bias.data = torch.full_like(m[0].bias, 3.0)  # new storage, not written by opt
+    ema.update()
+    ref.update()
+    ema.synchronize()
+    assert len(through_fake) == 4  # bound again: two new offloads
+    for (name, a, _), (_, b, _) in zip(ema.named_pairs(), ref.named_pairs()):
+        assert torch.equal(a, b), name
+
