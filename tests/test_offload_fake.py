@@ -9,6 +9,7 @@ next step's write before a copy from its memory); host waits are logged per thre
 them through the fake's training stream.
 """
 import copy
+import pathlib
 import threading
 import time
 
@@ -18,6 +19,7 @@ import torch
 from fused_ema import FusedEMA, _ext, binding
 
 TRAIN = 1  # the fake's current stream: the training stream
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason="needs the compiled CPU kernels")
 
@@ -388,3 +390,23 @@ def test_a_param_given_new_storage_is_read_from_its_new_storage(fake, through_fa
     for (name, a, _), (_, b, _) in zip(ema.named_pairs(), ref.named_pairs()):
         assert torch.equal(a, b), name
 
+
+
+def test_bench_offload_counts_what_it_says(module, tmp_path):
+    """benchmarks/bench_offload.py on small models and a small cap: its table is the
+    counters' (a planted extra copy per update shows as a ratio above 1)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_offload
+
+    assert bench_offload.main(["--models", "tiny", "many_small", "--cap-mib", "1",
+                               "--chunk-mib", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench_offload.json").read_text())
+    for row in record["rows"]:
+        assert row["d2h_bytes_per_update"] == row["param_bytes"]
+        assert row["pinned_peak"] <= (1 << 20) + 4 * row["slots"] + 8
+        assert row["same_bits"] and row["fake_errors"] == []
+    assert record["rows"][1]["chunks"] > record["rows"][1]["slots"] == 1
+    assert "| 2000 x 1024 | 2000 |" in (tmp_path / "bench_offload.md").read_text()
