@@ -140,9 +140,10 @@ def main(argv=None):
               f"{'none' if goals['no_training_thread_host_wait'] else 'SOME'}; hazards the "
               f"fake saw (a copy before the optimizer's write, a write before a copy): "
               f"{'none' if goals['no_hazard'] else 'SOME'}.", "",
-              "A model smaller than the cap pins only what it needs (its chunks, rounded up "
-              "to slots). Copies are per run of adjacent device memory: tensors allocated "
-              "apart are copied apart (ParameterList tensors here, each its own allocation)."]
+              "A model smaller than the cap pins one slot per chunk (ResNet-50: 4 slots of "
+              "32 MiB for 97.5 MiB). Copies are per run of adjacent device memory: tensors "
+              "allocated apart are copied apart (ParameterList tensors here, each its own "
+              "allocation)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "bench_offload.md"), "w") as f:
         f.write(text)
