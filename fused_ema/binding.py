@@ -146,37 +146,45 @@ class Binding:
             EMAs, random bits keyed by the seed and each update's step); copies round to
             nearest.
         non_blocking: updates are queued on a worker thread (``FusedEMA(non_blocking=True)``):
-            a model whose update ``host_offload`` carries gets a ``HostOffload`` per group
-            instead of staged copies and plans (``offload`` is then True; see ``issue``).
+            the buffers are read from copies staged when the update is queued, and a model
+            whose update ``host_offload`` carries gets a ``HostOffload`` per group of its
+            other tensors instead of staged copies and plans (``offload`` is then True; see
+            ``issue``).
+        buffers: whether each tensor is a buffer (written by the forward, not by the
+            optimizer).
     """
 
     def __init__(self, names: Sequence[str], kinds: Sequence[str],
                  srcs: Sequence[torch.Tensor], emas: Sequence[Sequence[torch.Tensor]],
                  ema_device: torch.device, capturable: bool,
                  entries: Sequence[Tuple[object, str, object]] = (),
-                 rounding: str = "nearest", seed: int = 0, non_blocking: bool = False):
+                 rounding: str = "nearest", seed: int = 0, non_blocking: bool = False,
+                 buffers: Sequence[bool] = ()):
         num_decays = len(emas)
         src_device = model_device(names, kinds, srcs)
         cross = src_device is not None and src_device != ema_device  # placement: options.py
         pin = cross and ema_device.type == "cpu" and src_device.type == "cuda"
         offload = host_offload(src_device, ema_device, rounding) if non_blocking else None
-        # What the plans read: the model's tensors, or copies staged on the EMA's device.
-        # Tensors they reach only through a copy or a 1-D view are watched instead.
-        plan_srcs, unseen, staging = {}, [], []
+        # Each tensor is read by a plan from the model (its own memory), by a plan from a
+        # staging copy on the EMA's device (made by stage()), or by an offload. Queued
+        # updates read the buffers (the forward writes them, not the optimizer) from
+        # staging copies made when the update is queued. What the plans reach only
+        # through a copy, a 1-D view or an offload is watched instead.
+        plan_srcs, offloaded, unseen, staging = {}, [], [], []
         with torch.no_grad():
             for i, (t, kind) in enumerate(zip(srcs, kinds)):
-                if offload is not None:
-                    # the offload reads the model's tensors and writes the EMAs through
-                    # views: both watched (integer tensors are staged, as below)
-                    unseen += [t] + [emas[k][i] for k in range(num_decays)]
-                    if kind != "other":
-                        continue
-                if kind == "other":
-                    if offload is not None and cross:
-                        s = torch.empty_like(t, device=ema_device, pin_memory=pin)
-                        staging.append((s, t))
+                snapshot = non_blocking and i < len(buffers) and buffers[i]
+                if kind == "other":  # copied by copy_others, from staging where made
+                    if snapshot or (offload is not None and cross):
+                        staging.append((torch.empty_like(t, device=ema_device,
+                                                         pin_memory=pin), t))
+                        unseen.append(t)
                     continue
-                if cross:
+                if offload is not None and not snapshot:
+                    offloaded.append(i)  # views of the model's tensor and of its EMAs
+                    unseen += [t] + [emas[k][i] for k in range(num_decays)]
+                    continue
+                if cross or snapshot:
                     s = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                             device=ema_device, pin_memory=pin)
                     staging.append((s, t))
@@ -188,37 +196,41 @@ class Binding:
                         unseen.append(t)
                 unseen += [emas[k][i] for k in range(num_decays)
                            if not emas[k][i].is_contiguous()]
-        groups = []
+        groups, offloads = [], []
         for kind in ("average", "copy"):
-            idx = [i for i, k in enumerate(kinds) if k == kind]
-            if not idx:
-                continue
-            # DTensors (FSDP2): the engine updates the local shards
-            ps = [flat(distributed.local(srcs[i] if offload is not None else plan_srcs[i]))
-                  for i in idx]
-            es = [[flat(distributed.local(emas[k][i])) for i in idx] for k in range(num_decays)]
-            try:
-                if offload is not None:
-                    device = src_device.index if src_device.index is not None else 0
-                    plan = offload([e for per_decay in es for e in per_decay], ps, num_decays,
-                                   device)
-                else:
-                    plan = EMAPlan.multi(es, ps, rounding=rounding if kind == "average" else
-                                         "nearest", seed=seed)
-            except (ValueError, TypeError, RuntimeError) as exc:
-                raise type(exc)(name_indices(str(exc), [names[i] for i in idx])) from None
-            groups.append((kind, plan, ps, es))
+            for through_offload in (False, True):
+                idx = [i for i, k in enumerate(kinds) if k == kind and
+                       (i in offloaded) == through_offload]
+                if not idx:
+                    continue
+                # DTensors (FSDP2): the engine updates the local shards
+                ps = [flat(distributed.local(srcs[i] if through_offload else plan_srcs[i]))
+                      for i in idx]
+                es = [[flat(distributed.local(emas[k][i])) for i in idx]
+                      for k in range(num_decays)]
+                try:
+                    if through_offload:
+                        device = src_device.index if src_device.index is not None else 0
+                        offloads.append((kind, offload([e for per_decay in es for e in per_decay],
+                                                       ps, num_decays, device)))
+                    else:
+                        groups.append((kind, EMAPlan.multi(
+                            es, ps, rounding=rounding if kind == "average" else "nearest",
+                            seed=seed), ps, es))
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    raise type(exc)(name_indices(str(exc), [names[i] for i in idx])) from None
         self.groups = groups
-        self.offload = offload is not None
+        self.offloads = offloads
+        self.offload = bool(offloads)
         # (kind, call(decays, decay_tensor, skip) -> stale index or -1) for each group
-        self._calls = [] if self.offload else [
-            (kind, plan.try_update_) if plan._plan is None else (kind, plan._plan.update_)
-            for kind, plan, _, _ in groups]
+        self._calls = [(kind, plan.try_update_) if plan._plan is None
+                       else (kind, plan._plan.update_) for kind, plan, _, _ in groups]
         self.rounding, self.seed = rounding, seed
         self.names = list(names)
         self.srcs = list(srcs)
         self.emas = [list(e) for e in emas]
         self.cross = cross
+        self.stages = bool(staging)
         self._pin_sync = pin
         self._staging = staging
         other = [i for i, k in enumerate(kinds) if k == "other"]
@@ -238,10 +250,11 @@ class Binding:
         return self._watch.first_changed() < 0
 
     def stage(self, wait: bool = True):
-        """Copies the model's tensors to the EMA's device (an EMA kept elsewhere). From a
-        CUDA model with ``wait=False``: returns an event recorded after the copies on the
-        current stream instead of waiting for them (whoever reads the staging waits on
-        it; the next work queued on that stream, the optimizer's, follows the copies)."""
+        """Copies the tensors the plans read from staging (all of an EMA kept elsewhere,
+        the buffers of a queued update) there. From a CUDA model with ``wait=False``:
+        returns an event recorded after the copies on the current stream instead of waiting
+        for them (whoever reads the staging waits on it; the next work queued on that
+        stream, the forward's and the optimizer's, follows the copies)."""
         with torch.no_grad():
             for s, t in self._staging:
                 s.copy_(t, non_blocking=self._pin_sync)
@@ -259,8 +272,12 @@ class Binding:
         them; copy groups get zeros. ``step``: the update's counter (an int, or a device
         tensor), the key of stochastic rounding. Raises ``Stale(j)`` when group j found a
         tensor changed (nothing of it written; the groups before it are updated)."""
-        if self.offload:  # not queued (e.g. traced): the same copies, consumed here
+        if self.offload:  # not queued (traced): the same copies, consumed here
             return self.issue(skip)(decays)
+        self._run_plans(decays, skip, start, step)
+        self.copy_others(skip)
+
+    def _run_plans(self, decays, skip, start: int = 0, step=0) -> None:
         host = type(decays) is list
         zeros = self.zeros if host else self.zeros_t
         step, step_t = (0, step) if isinstance(step, torch.Tensor) else (step, None)
@@ -271,21 +288,19 @@ class Binding:
             if (call(d, None, skip, step, step_t) if host
                     else call([], d, skip, step, step_t)) >= 0:
                 raise Stale(j)
-        self.copy_others(skip)
 
     def issue(self, skip):
-        """A non-blocking update through the offloads (``offload``), training thread: queues
-        the copies of the model's tensors (after the work queued so far on the current
-        stream, with no host wait) and returns ``consume(decays)`` for the worker thread.
-        ``skip``: None or a flag on the model's device, read by the worker."""
-        ready = self.stage(wait=False) if self._staging else None
-        for _, offload, _, _ in self.groups:
+        """A queued update through the offloads (``offload``), on the training thread:
+        stages the buffers and queues the offloads' copies, after the work queued so far on
+        the current stream, with no host wait; returns ``consume(decays)`` for the worker.
+        ``skip``: None or a flag on the model's device, read by the offloads."""
+        ready = self.stage(wait=False) if self.stages else None
+        for _, offload in self.offloads:
             offload.issue(None, skip)
-        others_skip = skip if not self.groups else None  # else: what the offloads read
 
         def consume(decays) -> None:
             ran, error = True, None
-            for kind, offload, _, _ in self.groups:  # each one, so every slot is released
+            for kind, offload in self.offloads:  # each one, so every slot is released
                 try:
                     ran = offload.consume(decays if kind == "average" else self.zeros) and ran
                 except Exception as exc:  # noqa: BLE001 - raised once all are consumed
@@ -293,16 +308,17 @@ class Binding:
             if error is not None:
                 raise error
             if ready is not None:
-                ready.synchronize()  # the integer tensors' staging copies
-            if ran:
-                self.copy_others(others_skip)
+                ready.synchronize()  # the staged buffers
+            if ran:  # else the skip flag was set
+                self._run_plans(decays, None)
+                self.copy_others(None)
 
         return consume
 
     def order_before_writes(self) -> None:
         """Training thread, before the next optimizer step: the current stream waits for the
         copies ``issue`` queued (a stream wait, no host wait)."""
-        for _, offload, _, _ in self.groups:
+        for _, offload in self.offloads:
             offload.order_before_writes(None)
 
     def run_traced(self, decays, skip, step) -> None:
@@ -334,7 +350,7 @@ class ListRun:
     """An update from a parameter list laid out as the EMA's parameters (``update(params)``)
     rather than from the bound model: through the functional path, whose C++ plan cache
     makes a list given again cheap. ``pairs``: (tensor, EMA tensors per decay, kind)."""
-    cross = offload = False
+    cross = offload = stages = False
 
     def __init__(self, pairs, num_decays: int, rounding: str = "nearest", seed: int = 0):
         groups = []

@@ -297,11 +297,18 @@ class FusedEMA:
     # ------------------------------------------------------------------ binding
 
     def _model_tensors(self, model: Optional[nn.Module] = None) -> Dict[str, tuple]:
-        """name -> (tensor, container, key) of the model (or of the bare list)."""
+        """name -> (tensor, container, key, is_param) of the model (or of the bare list)."""
         if model is None and self._model is None:
-            return {n: (t, None, None) for n, t in zip(self._known_order, self._bare)}
+            return {n: (t, None, None, True) for n, t in zip(self._known_order, self._bare)}
         model = self._model if model is None else unwrap(model)
-        return {s.name: (s.tensor, s.container, s.key) for s in selection.walk(model)}
+        return {s.name: (s.tensor, s.container, s.key, s.is_param)
+                for s in selection.walk(model)}
+
+    @property
+    def _queues(self) -> bool:
+        """Whether updates are queued on the worker (``non_blocking``, an EMA in host
+        memory; never while torch.compile traces)."""
+        return self.non_blocking and self._device.type == "cpu"
 
     def _ema_tensors(self, index: int) -> Dict[str, torch.Tensor]:
         if self.modules is not None:
@@ -338,11 +345,12 @@ class FusedEMA:
             # what the per-step check compares by identity: each tracked or shared tensor
             # in its module's dict (a frozen parameter replaced is shared again), and each
             # submodule in its parent's (a replaced submodule)
-            entries = [(c, k, t) for t, c, k in (found[n] for n in names + shared)]
+            entries = [(c, k, t) for t, c, k, _ in (found[n] for n in names + shared)]
             entries += [(m._modules, k, c) for m in target.modules()
                         for k, c in m._modules.items() if c is not None]
         return Binding(names, kinds, srcs, emas, self._device, self.capturable, entries,
-                       self.rounding, self.seed, non_blocking=own and self.non_blocking)
+                       self.rounding, self.seed, non_blocking=own and self._queues,
+                       buffers=[not found[n][3] for n in names])
 
     def _share(self, model_tensors: Dict[str, torch.Tensor]) -> None:
         """Makes every EMA hold ``model_tensors`` (name -> the model's tensor) where it
@@ -486,12 +494,12 @@ class FusedEMA:
             self._step = s + 1
             return
         decays = self._decays_at(s)
-        queue = self.non_blocking and self._device.type == "cpu" and not compiling
+        queue = self._queues and not compiling
         ready = None
-        if b.cross and not (queue and b.offload):  # an offload copies (and reads skip) itself
-            if skip is not None and skip.device != self._device:
-                # queued: read by the worker once `ready` (recorded after it) completes
-                skip = skip.to(self._device, non_blocking=queue)
+        if b.cross and skip is not None and skip.device != self._device and not b.offload:
+            # queued: read by the worker once `ready` (recorded after it) completes
+            skip = skip.to(self._device, non_blocking=queue)
+        if b.stages and not (queue and b.offload):  # an offload's issue() stages itself
             ready = b.stage(wait=not queue)  # a CUDA model, queued: the worker waits
         if queue:
             self._queue(b, decays, skip, rebind, s, ready)
@@ -561,7 +569,7 @@ class FusedEMA:
             raise exc
         if result is not None:
             b = rebind() if rebind is not None else self._bind()
-            if b.cross:
+            if b.stages:
                 b.stage()
             self._run(b, decays, skip, rebind, s, int(result))
 
@@ -583,7 +591,7 @@ class FusedEMA:
                 # from this group (the groups before it are already updated).
                 start = stale.start
                 b = rebind()
-                if b.cross:
+                if b.stages:
                     b.stage()
 
     def _update_capturable(self, b: Binding, skip, compiling: bool, rebind) -> None:

@@ -159,6 +159,32 @@ def test_the_pre_step_hook_waits_before_the_optimizer_writes(gated):
     assert seen == [False, False]  # the first step had nothing pending; the second waited
 
 
+@pytest.mark.parametrize("buffers", ["copy", "average"])
+def test_the_forward_after_an_update_does_not_reach_it(gated, buffers):
+    """BatchNorm's buffers are written by the forward, not by the optimizer: the update
+    reads them when it is queued (copied on the calling thread), so the forward that comes
+    next (the next step's, or a teacher's in the same step) while it is pending changes
+    nothing of it. Every update is compared with the synchronous one's."""
+    runs = []
+    for non_blocking in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ema = FusedEMA(model, decays=[0.5, 0.8], buffers=buffers, non_blocking=non_blocking)
+        g = torch.Generator().manual_seed(0)
+        seen = []
+        for _ in range(3):
+            train_step(model, opt, g)
+            ema.update()  # queued; the gate holds the worker
+            model(torch.randn(8, 5, generator=g))  # the next forward: BatchNorm writes
+            gated.set()
+            seen.append((snapshot(ema, 0), snapshot(ema, 1)))  # a reader: waits
+            gated.clear()
+        runs.append(seen)
+    for (a0, a1), (b0, b1) in zip(*runs):
+        assert_same(b0, a0)
+        assert_same(b1, a1)
+
+
 # ----------------------------------------------------------------------------- readers wait
 
 def _readers():
