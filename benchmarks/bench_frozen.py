@@ -14,7 +14,6 @@ Writes bench_frozen.md / .json under --out (default runs/ at the repository root
 by git); --update-results writes them to benchmarks/results/.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
 from fused_ema import FusedEMA, backend  # noqa: E402
 
@@ -89,9 +88,6 @@ def main(argv=None):
     meta = {"command": cmd.strip(), "torch": torch.__version__, "backend": backend("cpu"),
             "machine": platform.machine(), "threads": torch.get_num_threads(),
             "loadavg_end": os.getloadavg()[0]}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_frozen.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "goals": goals}, f, indent=1)
     lines = [f"# Frozen parameters: a LoRA layout (CPU, {meta['backend']} backend)", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads, "
              f"load average at the end {meta['loadavg_end']:.1f}. {args.layers} layers, bf16 "
@@ -106,10 +102,8 @@ def main(argv=None):
     lines += ["", f"Goals (issue 17): EMA-owned bytes {goals['ema_owned_vs_adapters_fp32']:.3f}x "
               "the adapters' fp32 bytes (at most 1.05x); update time with a 4x frozen base "
               f"{goals['update_4x_base_vs_1x']:.3f}x (at most 1.2x)."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "bench_frozen.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "bench_frozen", {"meta": meta, "rows": rows, "goals": goals},
+                  "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ measured row differs from its formula.
 """
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import models  # noqa: E402
 from bench_dropins import _timm_model_ema  # noqa: E402
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
 from fused_ema import FusedEMA  # noqa: E402
 
@@ -389,13 +388,7 @@ def main(argv=None):
     out = {"meta": meta, "1b": big, "small": small,
            "rows": {r.key: dict(label=r.label, source=r.source, note=r.note, how=r.how,
                                 measured=available(r)) for r in ROWS}}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    text = render(out)
-    with open(os.path.join(args.out, "bench_memory.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "bench_memory", out, render(out))
     if not ok:
         raise SystemExit("bench_memory: a measured row differs from its formula (see above)")
     return out

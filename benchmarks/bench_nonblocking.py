@@ -20,7 +20,6 @@ Writes bench_nonblocking.md / .json under --out (default runs/ at the repository
 ignored by git); --update-results writes them to benchmarks/results/.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,7 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import models  # noqa: E402
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
 from fused_ema import FusedEMA, backend  # noqa: E402
 
@@ -137,9 +136,6 @@ def main(argv=None):
             "step_non_blocking_ms": step_ms["non_blocking"],
             "step_cpu_sync_ms": cpu_ms["synchronous"],
             "step_cpu_non_blocking_ms": cpu_ms["non_blocking"]}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_nonblocking.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "goals": goals}, f, indent=1)
     label = models.label(args.model)
     lines = [f"# non_blocking=True: the training thread's share ({label}, CPU, "
              f"{meta['backend']} backend)", "",
@@ -160,10 +156,8 @@ def main(argv=None):
              "average above the number of CPUs the two threads share what the machine "
              "gives this process, and the training thread's CPU time (the last row) is "
              "what non_blocking takes off it."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "bench_nonblocking.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "bench_nonblocking", {"meta": meta, "rows": rows, "goals": goals},
+                  "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Builds the fake runtime's module first (about a minute, once). Writes bench_offl
 writes them to benchmarks/results/.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,16 +26,30 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [HERE, ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import models  # noqa: E402
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
+import fused_ema  # noqa: E402
 from fused_ema import FusedEMA, backend, binding  # noqa: E402
 
 TRAIN = 1  # the fake's current stream: the training stream
 MIB = 1 << 20
+
+
+def fake_runtime():
+    """The fake CUDA runtime's module, from the tests of the fused_ema checkout in use
+    (built on first use)."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(fused_ema.__file__))),
+                         "tests")
+    if not os.path.isdir(os.path.join(tests, "fake_cuda")):
+        raise SystemExit("bench_offload.py needs fused_ema installed from a checkout "
+                         "(pip install -e .): it builds tests/fake_cuda")
+    sys.path.insert(0, tests)
+    import fake_cuda
+
+    return fake_cuda.load()
 
 
 def measure(fake, name: str, steps: int, cap: int, chunk: int) -> dict:
@@ -96,9 +109,7 @@ def main(argv=None):
                    help="chunk size (default: the offload's, 32 MiB)")
     add_output_args(p, __file__)
     args = p.parse_args(argv)
-    import fake_cuda
-
-    fake = fake_cuda.load()
+    fake = fake_runtime()
     cap = args.cap_mib * MIB if args.cap_mib else fake.OFFLOAD_CAP_BYTES
     chunk = args.chunk_mib * MIB if args.chunk_mib else fake.OFFLOAD_CHUNK_BYTES
     rows = [measure(fake, name, args.steps, cap, chunk) for name in args.models]
@@ -114,11 +125,8 @@ def main(argv=None):
     meta = {"command": cmd.strip(), "torch": torch.__version__, "backend": backend("cpu"),
             "machine": platform.machine(), "cap_bytes": cap, "chunk_bytes": chunk,
             "steps": args.steps}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "goals": goals}, f, indent=1)
-    lines = [f"# non_blocking=True, a CUDA model, the EMA in host memory: PCIe bytes and "
-             f"pinned memory per update (fake CUDA runtime)", "",
+    lines = ["# non_blocking=True, a CUDA model, the EMA in host memory: PCIe bytes and "
+             "pinned memory per update (fake CUDA runtime)", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, {meta['backend']} CPU "
              f"kernels; staging cap {cap / MIB:.0f} MiB, chunks of {chunk / MIB:.0f} MiB; "
              f"{args.steps} updates per model, fp32 params and EMA. Counted on the fake "
@@ -144,10 +152,8 @@ def main(argv=None):
               "32 MiB for 97.5 MiB). Copies are per run of adjacent device memory: tensors "
               "allocated apart are copied apart (ParameterList tensors here, each its own "
               "allocation)."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "bench_offload.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "bench_offload", {"meta": meta, "rows": rows, "goals": goals},
+                  "\n".join(lines) + "\n")
     return 0 if all(goals[k] for k in ("all_same_bits", "no_training_thread_host_wait",
                                           "no_hazard")) else 1
 

@@ -45,7 +45,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from models import label, numel, spec  # noqa: E402
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
 from fused_ema import FusedEMA, PostHocEMA, backend, schedules  # noqa: E402
 
@@ -263,10 +263,7 @@ def main(argv=None):
 
 
 def write(results: dict, meta: dict, out: str, quick: bool) -> None:
-    os.makedirs(out, exist_ok=True)
     stem = "bench_posthoc_quick" if quick else "bench_posthoc"
-    with open(os.path.join(out, stem + ".json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
     lines = [f"# Post-hoc EMA benchmark (CPU, {meta['backend']} backend)", "",
              f"Command: `{meta['command']}`; torch {meta['torch']}, {meta['threads']} threads, "
              f"load average at the end {meta['loadavg_end']:.1f} (a shared machine: compare "
@@ -290,10 +287,7 @@ def write(results: dict, meta: dict, out: str, quick: bool) -> None:
     for k, r in results["synthesis"].items():
         lines.append(f"| {k} | {r['seconds']:.2f} | {r['peak_MB']:.0f} | "
                      f"{r['peak_model_copies']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, stem + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(out, stem, {"meta": meta, "results": results}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

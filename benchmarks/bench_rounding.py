@@ -21,7 +21,6 @@ Writes bench_rounding.md / .json / .png under --out (default runs/, ignored by g
 --update-results writes them to benchmarks/results/.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import models  # noqa: E402
-from outputs import add_output_args  # noqa: E402
+from outputs import add_output_args, write_results  # noqa: E402
 
 from fused_ema import EMAPlan, backend, ema_update_  # noqa: E402
 
@@ -281,14 +280,10 @@ def main(argv=None):
                       "threads": torch.get_num_threads(), "loadavg_start": load0,
                       "loadavg_end": os.getloadavg()[0], "seconds": time.time() - start}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_rounding.json"), "w") as f:
-        json.dump(result, f, indent=1)
     text = render(result, args)
     if plot(os.path.join(args.out, "bench_rounding.png"), result, args):
         text += "\n![errors](bench_rounding.png)\n"
-    with open(os.path.join(args.out, "bench_rounding.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "bench_rounding", result, text)
 
 
 if __name__ == "__main__":

@@ -411,3 +411,10 @@ def test_bench_offload_counts_what_it_says(module, tmp_path):
         assert row["same_bits"] and row["fake_errors"] == []
     assert record["rows"][1]["chunks"] > record["rows"][1]["slots"] == 1
     assert "| 2000 x 1024 | 2000 |" in (tmp_path / "bench_offload.md").read_text()
+
+
+def test_bench_offload_default_run_leaves_git_status_clean(module, tmp_path):
+    from test_outputs import check_default_run
+
+    check_default_run(tmp_path, "benchmarks/bench_offload.py", ["--models", "tiny", "--steps", "1"],
+                      "bench_offload.md")

@@ -1,6 +1,8 @@
 """A user's run never rewrites the record: every script of benchmarks/ and examples/, run
 with its defaults (at its cheapest settings) in a fresh git checkout of those folders,
-leaves ``git status`` clean and writes its outputs to the git-ignored ``runs/``."""
+leaves ``git status`` clean and writes its outputs to the git-ignored ``runs/``
+(bench_offload.py, which builds the fake CUDA runtime, is checked in test_offload_fake.py
+with ``check_default_run``)."""
 import importlib.util
 import os
 import shutil
@@ -50,6 +52,12 @@ def test_a_default_run_leaves_git_status_clean(tmp_path, script, args, output, n
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"needs {missing}")
+    check_default_run(tmp_path, script, args, output)
+
+
+def check_default_run(tmp_path, script, args, output):
+    """Runs ``script`` with ``args`` (no --out) in a fresh git checkout of benchmarks/ and
+    examples/: it must leave ``git status`` clean and write ``runs/<output>``."""
     if shutil.which("git") is None:
         pytest.skip("needs git")
     # A checkout of the scripts, their committed results and the repository's .gitignore;
