@@ -1,12 +1,21 @@
-"""What the examples share: how a run was started, its CPU time, and the load it ran under
-(the examples' timings are taken on a shared 2-core machine, so each table says how busy it
-was). The --out / --update-results convention lives in benchmarks/outputs.py."""
+"""What the examples share: one BLAS/OpenMP thread per process and the processes they run
+on (``run_jobs``, ``--workers``), how a run was started, its CPU time, and the load it ran
+under (the examples' timings are taken on a shared 2-core machine, so each table says how
+busy it was). The --out / --update-results convention lives in benchmarks/outputs.py.
+
+An example imports this module before numpy or torch: the thread counts are read when those
+load."""
 import multiprocessing as mp
 import os
 import resource
 import sys
 import threading
 import time
+
+# These models are small: the 2 cores are better used by two single-threaded processes side
+# by side (the spawned workers inherit the setting).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 # --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -25,6 +34,12 @@ def command_line(script: str) -> str:
         elif not a.startswith("--out="):
             args.append(a)
     return " ".join(["python", f"examples/{script}"] + args)
+
+
+def add_workers_arg(parser) -> None:
+    """``--workers``: the processes ``run_jobs`` runs the jobs in (one thread each)."""
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes (one thread each)")
 
 
 def run_jobs(worker, jobs, workers: int, desc: str):

@@ -29,16 +29,15 @@ ignored by git); --update-results writes them to examples/results/, the committe
 results.
 """
 import os
+import sys
 
-# One BLAS/OpenMP thread per process, set before numpy/torch load them: these models are
-# small, and the 2 cores are better used by running two processes side by side.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# _common first: it sets one BLAS/OpenMP thread per process before numpy/torch load.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RunClock, add_output_args, add_workers_arg, command_line, run_jobs  # noqa: E402
 
 import argparse
 import dataclasses
 import math
-import sys
 from typing import Dict, List
 
 import numpy as np
@@ -47,9 +46,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_ema import FusedEMA, schedules
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RunClock, add_output_args, command_line, run_jobs  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -397,8 +393,7 @@ def main(argv=None):
                    help="seeds to run for every variant (default 0 1 2; --quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     p.add_argument("--quick", action="store_true", help="a short smoke run (< 1 minute)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes (one thread each)")
+    add_workers_arg(p)
     add_output_args(p, __file__)
     args = p.parse_args(argv)
 

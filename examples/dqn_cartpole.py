@@ -35,16 +35,15 @@ Writes dqn_cartpole.png and dqn_cartpole.md (aggressive: dqn_cartpole_aggressive
 examples/results/, the committed full-run results.
 """
 import os
+import sys
 
-# One BLAS/OpenMP thread per process, set before numpy/torch load them: these models are
-# small, and the 2 cores are better used by running two processes side by side.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# _common first: it sets one BLAS/OpenMP thread per process before numpy/torch load.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RunClock, add_output_args, add_workers_arg, command_line  # noqa: E402
 
 import argparse
 import dataclasses
 import multiprocessing as mp
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -54,8 +53,6 @@ import torch.nn.functional as F
 
 from fused_ema import FusedEMA
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RunClock, add_output_args, command_line  # noqa: E402
 
 SOLVED = 475.0      # CartPole-v1's "solved" threshold (the maximum return is 500)
 COLLAPSED = 200.0   # a run that had reached SOLVED and later scores below this has collapsed
@@ -403,8 +400,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="env steps per run")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument("--quick", action="store_true", help="a short smoke run (seconds)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes (one thread each)")
+    add_workers_arg(p)
     add_output_args(p, __file__)
     args = p.parse_args(argv)
     from tqdm import tqdm

@@ -23,15 +23,16 @@ ignored by git); --update-results writes them to examples/results/, the committe
 results.
 """
 import os
+import sys
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# _common first: it sets one BLAS/OpenMP thread per process before numpy/torch load.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_output_args  # noqa: E402
 
 import argparse
 import dataclasses
 import math
 import shutil
-import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -42,11 +43,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fused_ema import FusedEMA, PostHocEMA
-
-# --out / --update-results, shared with benchmarks/ (a user's run never rewrites the record)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-from outputs import add_output_args  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -30,23 +30,20 @@ the repository root, ignored by git); --update-results writes them to examples/r
 committed full-run results.
 """
 import os
+import sys
 
-# One BLAS/OpenMP thread per process, set before numpy/torch load them: the 2 cores are
-# better used by running two processes side by side.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# _common first: it sets one BLAS/OpenMP thread per process before numpy/torch load.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RunClock, add_output_args, add_workers_arg, command_line, run_jobs  # noqa: E402
 
 import argparse
 import dataclasses
 import json
-import sys
 from typing import List
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RunClock, add_output_args, command_line, run_jobs  # noqa: E402
 
 ALGOS = ("DDPG", "TD3", "SAC")
 TAUS = (1.0, 0.1, 0.005, 0.001)
@@ -272,8 +269,7 @@ def main(argv=None):
                    "TD3 from 10,000: the most expensive of the three)")
     p.add_argument("--quick", action="store_true",
                    help="a short smoke run (small networks, 600 steps)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes (one thread each)")
+    add_workers_arg(p)
     add_output_args(p, __file__)
     args = p.parse_args(argv)
 
